@@ -1,0 +1,12 @@
+"""gradaccum: gradient accumulation whose update equals the one big batch's update.
+
+Example:
+    >>> import gradaccum
+    >>> acc = gradaccum.Accumulator(model, optimizer, steps=4)  # doctest: +SKIP
+"""
+
+from ._lr import scale_lr
+from ._window import Accumulator, AccumulatorState, StepReport, Window
+
+__all__ = ["Accumulator", "AccumulatorState", "StepReport", "Window", "scale_lr"]
+__version__ = "0.1.0"

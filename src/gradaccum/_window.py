@@ -1,0 +1,456 @@
+"""The accumulation engine: the only loop that turns micro-batches into optimizer steps.
+
+The CLI, the distributed path and the integrations all go through :class:`Accumulator`.
+The arithmetic lives in ``_weights``; cross-rank control lives in ``_sync``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+
+from . import _sync, _weights
+
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass
+class StepReport:
+    """What :meth:`Window.step` did.
+
+    Attributes:
+        step: windows closed so far, this one included (a skipped window counts: its
+            number is taken, so logs stay one row per window).
+        loss: the window's loss, item-weighted over all its micro-batches (and ranks).
+        num_items: items in the window (all ranks); ``None`` when no counts were given.
+        micro_batches: micro-batches backpropagated in the window (all ranks).
+        grad_norm: total norm of the window's gradient before clipping.
+        skipped: True when the gradient was not finite: no update, no scheduler step.
+        lr: learning rate of the first parameter group used for this update.
+
+    Example:
+        >>> report = window.step()  # doctest: +SKIP
+        >>> print(f"step {report.step} loss {report.loss:.3f}")  # doctest: +SKIP
+    """
+
+    step: int
+    loss: float
+    num_items: Optional[float]
+    micro_batches: int
+    grad_norm: float
+    skipped: bool
+    lr: Optional[float] = None
+
+
+@dataclasses.dataclass
+class AccumulatorState:
+    """The accumulator's whole state, small enough to log and checkpoint.
+
+    Attributes:
+        optimizer_step: windows closed so far.
+        planned: micro-batches planned for the open window (0: no window open).
+        micro_batches: micro-batches backpropagated in the open window.
+        items: items summed over the open window's micro-batches (1 each without counts).
+        weighted: whether the open window was given item counts (None: not yet known).
+        reference: items per micro-batch behind the provisional weights (see ``_weights``):
+            the window's first micro-batch in one process; across ranks a shared value
+            carried from window to window.
+        loss_sum: sum of loss * items over the open window's micro-batches saved before
+            (while running, the losses are kept as tensors and summed at the step, so that
+            no micro-batch waits for the device).
+    """
+
+    optimizer_step: int = 0
+    planned: int = 0
+    micro_batches: int = 0
+    items: float = 0.0
+    weighted: Optional[bool] = None
+    reference: Optional[float] = None
+    loss_sum: float = 0.0
+
+    def close_window(self) -> None:
+        """Forget the open window, keep the counters that outlive it."""
+        self.planned = self.micro_batches = 0
+        self.items, self.weighted, self.loss_sum = 0.0, None, 0.0
+
+
+def _total_norm(grads: list[torch.Tensor], foreach: Optional[bool]) -> torch.Tensor:
+    """Total 2-norm; one fused call when all gradients share a device and dtype (the
+    common case), skipping the regrouping that ``get_total_norm`` does in Python."""
+    if not grads:
+        return torch.zeros(())
+    first = grads[0]
+    if foreach and all(g.device == first.device and g.dtype == first.dtype for g in grads):
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    return torch.nn.utils.get_total_norm(grads, foreach=foreach)
+
+
+class _Lookahead:
+    """An iterator that can tell whether another item follows, by fetching it early."""
+
+    _EMPTY = object()
+
+    def __init__(self, iterable: Iterable[Any]):
+        self._it = iter(iterable)
+        self._next: Any = self._EMPTY
+
+    def has_next(self) -> bool:
+        if self._next is self._EMPTY:
+            try:
+                self._next = next(self._it)
+            except StopIteration:
+                return False
+        return True
+
+    def pop(self) -> Any:
+        item, self._next = self._next, self._EMPTY
+        return item
+
+
+class Window:
+    """One optimizer step's worth of micro-batches; made by :meth:`Accumulator.windows`.
+
+    Iterate it for the micro-batches, call :meth:`backward` for each, then :meth:`step`.
+
+    Example:
+        >>> for window in acc.windows(loader):  # doctest: +SKIP
+        ...     for x, y in window:
+        ...         window.backward(loss_fn(model(x), y), num_items=len(y))
+        ...     report = window.step()
+    """
+
+    def __init__(self, accumulator: "Accumulator", batches: _Lookahead):
+        self._acc = accumulator
+        self._batches = batches
+        self._remaining = accumulator.state.planned - accumulator.state.micro_batches
+        self.closed = False
+
+    @property
+    def planned(self) -> int:
+        """Micro-batches planned for this window (the last window may get fewer)."""
+        return self._acc.state.planned
+
+    def __iter__(self) -> Iterator[Any]:
+        acc = self._acc
+        for i in range(self._remaining):
+            if self.closed or not self._batches.has_next():
+                return
+            batch = self._batches.pop()
+            # The last micro-batch is the one whose backward may synchronise across ranks;
+            # in a partial window only a look at the next batch tells which one that is.
+            last = i == self._remaining - 1 or not self._batches.has_next()
+            if acc._autocast is None and (last or not acc._sync_control):
+                yield batch  # nothing to enter: keep the plain path free of context overhead
+                continue
+            with acc._micro_batch_context(last):
+                yield batch
+
+    def backward(self, loss: torch.Tensor, num_items: Any = None) -> None:
+        """Backpropagate one micro-batch's mean ``loss`` with its weight in the window.
+
+        Args:
+            loss: scalar tensor, the mean over this micro-batch's items.
+            num_items: tokens or samples that ``loss`` averages over. Give it for every
+                micro-batch of a window or for none.
+
+        Example:
+            >>> window.backward(out.loss, num_items=int((labels != -100).sum()))  # doctest: +SKIP
+        """
+        self._acc._backward(self, loss, num_items)
+
+    def step(self) -> StepReport:
+        """Close the window: rescale, unscale, clip, update, step the scheduler, zero grads.
+
+        Example:
+            >>> report = window.step()  # doctest: +SKIP
+        """
+        return self._acc._step(self)
+
+
+class Accumulator:
+    """Exact gradient accumulation: each update equals the update of the one big batch.
+
+    Args:
+        model: the module being trained (may be DDP- or FSDP2-wrapped).
+        optimizer: its optimizer; its parameters are the ones rescaled, clipped, stepped.
+        steps: micro-batches per optimizer step, an int >= 1 or a callable
+            ``optimizer_step -> int`` evaluated when each window opens.
+        scheduler: learning-rate scheduler, stepped once per update, never per micro-batch.
+        max_grad_norm: clip the accumulated gradient to this total norm (after unscaling).
+        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast + GradScaler).
+        accum_dtype: sum gradients of lower-precision parameters in this dtype (e.g.
+            ``torch.float32`` for a bf16 model), cast once at the step.
+
+    Example:
+        >>> acc = Accumulator(model, optimizer, steps=4)  # doctest: +SKIP
+        >>> for window in acc.windows(loader):  # doctest: +SKIP
+        ...     for batch in window:
+        ...         out = model(**batch)
+        ...         window.backward(out.loss, num_items=count_items(batch))
+        ...     report = window.step()
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        steps: _weights.StepsLike = 1,
+        *,
+        scheduler: Any = None,
+        max_grad_norm: Optional[float] = None,
+        precision: str = "fp32",
+        accum_dtype: Optional[torch.dtype] = None,
+    ):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
+        self.steps = _weights.check_steps(steps)
+        if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+            raise TypeError("scheduler must have a step() method (a torch LR scheduler) or be None")
+        if max_grad_norm is not None and (
+            isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+            or not math.isfinite(max_grad_norm) or max_grad_norm <= 0
+        ):
+            raise ValueError(f"max_grad_norm must be a positive number or None; got {max_grad_norm!r}")
+        if precision not in _AUTOCAST:
+            raise ValueError(f"precision must be one of {sorted(_AUTOCAST)}; got {precision!r}")
+        if accum_dtype is not None and not (isinstance(accum_dtype, torch.dtype) and accum_dtype.is_floating_point):
+            raise ValueError(f"accum_dtype must be a floating torch.dtype such as torch.float32 or None; got {accum_dtype!r}")
+
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.max_grad_norm, self.precision, self.accum_dtype = max_grad_norm, precision, accum_dtype
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        first = next(iter(model.parameters()), None)
+        self._device = first.device if first is not None else torch.device("cpu")
+        self._world = _sync.data_parallel_world_size(model)
+        # The fused per-list kernels also run on the CPU, where torch's default loops in Python.
+        self._foreach = all(p.device.type in ("cpu", "cuda") for p in self._params) or None
+        self._sync_control = hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync")
+        self._autocast = _AUTOCAST[precision]
+        self.scaler = torch.amp.GradScaler(self._device.type) if precision == "fp16" else None
+        self._low = [
+            i for i, p in enumerate(self._params)
+            if accum_dtype is not None and p.is_floating_point()
+            and torch.finfo(p.dtype).bits < torch.finfo(accum_dtype).bits
+        ]
+        if self._low and self._world > 1:
+            raise NotImplementedError(
+                "accum_dtype with a DDP/FSDP model is not supported: DDP would reduce only the "
+                "last micro-batch. Use FSDP2's MixedPrecisionPolicy(reduce_dtype=...) instead."
+            )
+        self._buffers: dict[int, torch.Tensor] = {}
+        self._losses: list[tuple[torch.Tensor, float]] = []
+        self.state = AccumulatorState()
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def windows(self, loader: Iterable[Any]) -> Iterator[Window]:
+        """Group ``loader``'s micro-batches into windows, one per optimizer step.
+
+        The last window may be partial; it is still a mean over what it holds. A window
+        left open by :meth:`load_state_dict` is completed first.
+
+        Example:
+            >>> for window in acc.windows(loader):  # doctest: +SKIP
+            ...     ...
+        """
+        batches = _Lookahead(loader)
+        while batches.has_next():
+            if self.state.planned == 0:
+                self.state.planned = _weights.resolve_steps(self.steps, self.state.optimizer_step)
+            window = Window(self, batches)
+            yield window
+            if not window.closed:
+                raise RuntimeError(
+                    "window.step() was not called before the next window: call it once after "
+                    "the window's micro-batches, or its gradients would leak into the next update"
+                )
+
+    def _micro_batch_context(self, last: bool) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if not last:
+            # Entered before the forward: DDP decides there whether the backward all-reduces.
+            stack.enter_context(_sync.skip_gradient_sync(self.model))
+        if self._autocast is not None:
+            stack.enter_context(torch.autocast(self._device.type, dtype=self._autocast))
+        return stack
+
+    def _backward(self, window: Window, loss: torch.Tensor, num_items: Any) -> None:
+        if window.closed:
+            raise RuntimeError("backward() after step(): this window is closed; use the next window")
+        if type(loss) is not torch.Tensor and not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss must be a scalar tensor (the mean over the micro-batch's items); got {shape}. "
+                "Reduce it with .mean() or .sum() / num_items first."
+            )
+        if not loss.requires_grad:
+            raise ValueError("loss does not require grad: compute it from the model's output, outside torch.no_grad()")
+        st = self.state
+        weighted = num_items is not None
+        if st.weighted is not None and st.weighted != weighted:
+            raise ValueError(
+                "num_items was given for some micro-batches of this window and not for others: "
+                "give it for every micro-batch (item-weighted) or for none (each weighs the same)"
+            )
+        n = _weights.check_num_items(num_items) if weighted else 1
+        if st.micro_batches == 0 and self._world == 1:
+            # One process: the window's first micro-batch sets the scale, so a window of one
+            # micro-batch is exactly the plain step and equal full windows need no rescaling.
+            st.reference = n
+        elif st.reference is None:
+            # Across ranks the weights must share one reference: the mean of the ranks' first
+            # micro-batches, once; later windows reuse the last window's global mean.
+            st.reference = _sync.global_sums([n], self._device, self._world)[0] / self._world
+        weight = _weights.provisional_weight(n, st.reference, st.planned)
+        # The loss is a mean over n items; weight n/D makes the held gradient a sum over items
+        # (the mean of means is not the mean), and the boundary scale D/N makes it a mean.
+        if loss.dim():
+            loss = loss.reshape(())
+        scaled = loss * weight
+        if self.scaler is not None:
+            scaled = self.scaler.scale(scaled)
+        scaled.backward()
+        if self._low:
+            self._move_to_buffers()
+        st.weighted = weighted
+        st.micro_batches += 1
+        st.items += n
+        self._losses.append((loss.detach(), n))  # summed at the step: no per-micro-batch work
+
+    def _move_to_buffers(self) -> None:
+        # Summing many bf16 gradients in bf16 loses low bits at every add; the buffer keeps
+        # them, and the single cast at the step rounds once.
+        for i in self._low:
+            p = self._params[i]
+            if p.grad is None:
+                continue
+            buf = self._buffers.get(i)
+            if buf is None:
+                self._buffers[i] = p.grad.to(self.accum_dtype)
+            else:
+                buf.add_(p.grad)
+            p.grad = None
+
+    def _step(self, window: Window) -> StepReport:
+        if window.closed:
+            raise RuntimeError("step() was already called for this window; iterate the next window")
+        st = self.state
+        if st.micro_batches == 0:
+            raise RuntimeError("step() on a window with no backward(): call window.backward(loss) for its micro-batches first")
+        items, loss_sum, micro_batches = _sync.global_sums(
+            [st.items, self._loss_sum(), st.micro_batches], self._device, self._world
+        )
+        scale = _weights.boundary_scale(items, st.reference, st.planned, self._world)
+        grads = self._finish_grads(scale)
+        if self.scaler is not None:
+            # Unscale before measuring or clipping: the clip threshold is for true gradients.
+            self.scaler.unscale_(self.optimizer)
+        norm_t = _total_norm(grads, self._foreach)
+        norm = float(norm_t)
+        skipped = not math.isfinite(norm)
+        lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
+        if not skipped:
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(self._params, self.max_grad_norm, norm_t, foreach=self._foreach)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+        if self.scaler is not None:
+            self.scaler.update()  # backs the scale off after an overflow
+        self.optimizer.zero_grad(set_to_none=True)
+        st.optimizer_step += 1
+        # Across ranks the next window reuses this window's global items per micro-batch: the
+        # same number on every rank, and a boundary scale of 1 for a window like this one.
+        st.reference = items / micro_batches if self._world > 1 else None
+        weighted = st.weighted
+        st.close_window()
+        self._losses = []
+        window.closed = True
+        return StepReport(
+            step=st.optimizer_step,
+            loss=loss_sum / items,
+            num_items=items if weighted else None,
+            micro_batches=int(micro_batches),
+            grad_norm=norm,
+            skipped=skipped,
+            lr=float(lr) if lr is not None else None,
+        )
+
+    def _loss_sum(self) -> float:
+        """Sum of loss * items over the open window, read once (one device sync)."""
+        total = float(self.state.loss_sum)
+        if self._losses:
+            if self._device.type == "cpu":
+                values = [float(loss) for loss, _ in self._losses]
+            else:  # one device synchronisation, not one per micro-batch
+                values = torch.stack([loss for loss, _ in self._losses]).tolist()
+            total += sum(v * n for v, (_, n) in zip(values, self._losses))
+        return total
+
+    def _finish_grads(self, scale: float) -> list[torch.Tensor]:
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if scale != 1.0 and grads:
+            torch._foreach_mul_(grads, scale)
+        if self._buffers:
+            for i, buf in self._buffers.items():
+                p = self._params[i]
+                p.grad = buf.mul_(scale).to(p.dtype)
+            self._buffers = {}
+            grads = [p.grad for p in self._params if p.grad is not None]
+        return grads
+
+    # -- checkpointing ----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The accumulator's state, the partial window's gradients included.
+
+        Example:
+            >>> torch.save(acc.state_dict(), "acc.pt")  # doctest: +SKIP
+        """
+        state = dataclasses.asdict(self.state)
+        state["loss_sum"] = self._loss_sum()
+        out: dict[str, Any] = {"state": state, "grads": {}}
+        if self.state.micro_batches:
+            for i, p in enumerate(self._params):
+                held = self._buffers.get(i, p.grad)
+                if held is not None:
+                    out["grads"][i] = held.detach().clone()
+        if self.scaler is not None:
+            out["scaler"] = self.scaler.state_dict()
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; an open window continues in the next :meth:`windows`.
+
+        Example:
+            >>> acc.load_state_dict(torch.load("acc.pt"))  # doctest: +SKIP
+        """
+        fields = {f.name for f in dataclasses.fields(AccumulatorState)}
+        unknown = set(state_dict.get("state", {})) - fields
+        if "state" not in state_dict or unknown:
+            raise ValueError(f"not an Accumulator state_dict (unknown fields: {sorted(unknown)})")
+        grads = state_dict.get("grads", {})
+        if any(int(i) >= len(self._params) for i in grads):
+            raise ValueError("the saved gradients do not match this optimizer's parameters")
+        self.state = AccumulatorState(**state_dict["state"])
+        self._buffers, self._losses = {}, []
+        for p in self._params:
+            p.grad = None
+        for i, g in grads.items():
+            i = int(i)
+            p = self._params[i]
+            if i in self._low:
+                self._buffers[i] = g.to(device=p.device, dtype=self.accum_dtype).clone()
+            else:
+                p.grad = g.to(device=p.device, dtype=p.dtype).clone()
+        if self.scaler is not None and "scaler" in state_dict:
+            self.scaler.load_state_dict(state_dict["scaler"])
