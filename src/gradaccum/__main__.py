@@ -1,0 +1,7 @@
+"""``python -m gradaccum`` is the ``gradaccum`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

