@@ -64,3 +64,14 @@ def global_sums(values: Sequence[float], device: torch.device, world_size: int) 
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def one_hot(world_size: int, flag: bool) -> list[float]:
+    """This rank's ``flag`` at its own position, zeros elsewhere: summed over ranks, it
+    says which ranks raised it.
+
+    >>> one_hot(1, True)
+    [1.0]
+    """
+    rank = dist.get_rank() if world_size > 1 else 0
+    return [float(flag and r == rank) for r in range(world_size)]

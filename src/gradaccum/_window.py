@@ -84,9 +84,13 @@ def _total_norm(grads: list[torch.Tensor], foreach: Optional[bool]) -> torch.Ten
     if not grads:
         return torch.zeros(())
     first = grads[0]
-    if foreach and all(g.device == first.device and g.dtype == first.dtype for g in grads):
+    if foreach and type(first) is torch.Tensor and all(
+        type(g) is torch.Tensor and g.device == first.device and g.dtype == first.dtype for g in grads
+    ):
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    return torch.nn.utils.get_total_norm(grads, foreach=foreach)
+    norm = torch.nn.utils.get_total_norm(grads, foreach=foreach)
+    # FSDP2's sharded gradients give a DTensor norm: the full value needs the shards' sum.
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 class _Lookahead:
@@ -184,6 +188,9 @@ class Accumulator:
         precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast + GradScaler).
         accum_dtype: sum gradients of lower-precision parameters in this dtype (e.g.
             ``torch.float32`` for a bf16 model), cast once at the step.
+        sync_every_micro_batch: reduce gradients across ranks after every micro-batch
+            instead of once per window. For FSDP2 models too large to hold a full
+            unsharded gradient between micro-batches: less memory, k times the traffic.
 
     Example:
         >>> acc = Accumulator(model, optimizer, steps=4)  # doctest: +SKIP
@@ -204,6 +211,7 @@ class Accumulator:
         max_grad_norm: Optional[float] = None,
         precision: str = "fp32",
         accum_dtype: Optional[torch.dtype] = None,
+        sync_every_micro_batch: bool = False,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -230,7 +238,9 @@ class Accumulator:
         self._world = _sync.data_parallel_world_size(model)
         # The fused per-list kernels also run on the CPU, where torch's default loops in Python.
         self._foreach = all(p.device.type in ("cpu", "cuda") for p in self._params) or None
-        self._sync_control = hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync")
+        self._sync_control = not sync_every_micro_batch and (
+            hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync")
+        )
         self._autocast = _AUTOCAST[precision]
         self.scaler = torch.amp.GradScaler(self._device.type) if precision == "fp16" else None
         self._low = [
@@ -260,6 +270,8 @@ class Accumulator:
             ...     ...
         """
         batches = _Lookahead(loader)
+        if self._world > 1 and not self._ranks_agree_on_more_data(batches.has_next(), "any"):
+            return
         while batches.has_next():
             if self.state.planned == 0:
                 self.state.planned = _weights.resolve_steps(self.steps, self.state.optimizer_step)
@@ -270,6 +282,25 @@ class Accumulator:
                     "window.step() was not called before the next window: call it once after "
                     "the window's micro-batches, or its gradients would leak into the next update"
                 )
+
+    def _ranks_agree_on_more_data(self, mine: bool, when: str, sums: Optional[list[float]] = None) -> bool:
+        """Whether every rank has more micro-batches; an error naming them if only some do.
+
+        Without this, a rank with an extra window would wait in its gradient all-reduce for
+        ranks that have finished, until the collective timeout.
+        """
+        flags = sums if sums is not None else _sync.global_sums(
+            _sync.one_hot(self._world, mine), self._device, self._world
+        )
+        more = [r for r, f in enumerate(flags) if f > 0]
+        if more and len(more) < self._world:
+            done = [r for r in range(self._world) if r not in more]
+            raise RuntimeError(
+                f"uneven data across ranks: ranks {more} have more micro-batches {when} while ranks "
+                f"{done} have none; give every rank the same number of micro-batches per epoch "
+                "(e.g. DistributedSampler, which pads, or the same number of windows per rank)"
+            )
+        return bool(more)
 
     def _micro_batch_context(self, last: bool) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
@@ -343,9 +374,11 @@ class Accumulator:
         st = self.state
         if st.micro_batches == 0:
             raise RuntimeError("step() on a window with no backward(): call window.backward(loss) for its micro-batches first")
-        items, loss_sum, micro_batches = _sync.global_sums(
-            [st.items, self._loss_sum(), st.micro_batches], self._device, self._world
-        )
+        values = [st.items, self._loss_sum(), st.micro_batches]
+        if self._world > 1:  # whether each rank has more data rides on the same all-reduce
+            values += _sync.one_hot(self._world, window._batches.has_next())
+        sums = _sync.global_sums(values, self._device, self._world)
+        items, loss_sum, micro_batches = sums[:3]
         scale = _weights.boundary_scale(items, st.reference, st.planned, self._world)
         grads = self._finish_grads(scale)
         if self.scaler is not None:
@@ -375,6 +408,8 @@ class Accumulator:
         st.close_window()
         self._losses = []
         window.closed = True
+        if self._world > 1:
+            self._ranks_agree_on_more_data(False, "after this window", sums[3:])
         return StepReport(
             step=st.optimizer_step,
             loss=loss_sum / items,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from typing import Any, Optional, Sequence
@@ -102,7 +103,8 @@ def _train(args: dict[str, Any]) -> int:
     except train.Interrupted as exc:
         print(f"gradaccum train: {exc}", file=sys.stderr)
         return 130
-    _print_summary(summary)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
+        _print_summary(summary)
     return 0
 
 

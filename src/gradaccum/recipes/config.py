@@ -39,9 +39,9 @@ class TrainConfig:
         (3, [12, 12, 8])
     """
 
-    effective_batch: int = _field(32, "samples per optimizer step on each rank; the window is exactly this batch")
-    micro_batch: int = _field(8, "samples per forward/backward; k = ceil(effective / micro), the last micro-batch of a window takes the rest")
-    epochs: int = _field(3, "passes over the training data")
+    effective_batch: int = _field(16, "samples per optimizer step on each rank; the window is exactly this batch")
+    micro_batch: int = _field(4, "samples per forward/backward; k = ceil(effective / micro), the last micro-batch of a window takes the rest")
+    epochs: int = _field(5, "passes over the training data")
     max_steps: Optional[int] = _field(None, "stop after this many optimizer steps (also the LR schedule's horizon)")
     lr: float = _field(1e-4, "peak learning rate (AdamW), before --lr-scaling")
     lr_scaling: str = _field("none", "scale --lr from --base-batch to the effective batch", choices=LR_RULES)

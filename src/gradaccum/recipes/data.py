@@ -126,9 +126,13 @@ class Batcher:
         self.ids, self.labels, self.pad_id, self.task = ids, labels, pad_id, task
 
     def epoch_order(self, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
-        """This rank's examples for ``epoch``: a seeded shuffle, strided over ranks."""
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        return torch.randperm(len(self.ids), generator=g).tolist()[rank::world_size]
+        """This rank's examples for ``epoch``, as ``DistributedSampler`` deals them: a seeded
+        shuffle, padded by repetition so that every rank gets as many."""
+        from torch.utils.data import DistributedSampler
+
+        sampler = DistributedSampler(range(len(self.ids)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
 
     def micro_batches(self, order: list[int], sizes: list[int], skip: int = 0) -> Iterator[dict[str, Any]]:
         """Micro-batches over ``order``, window by window; the first ``skip`` are not built."""

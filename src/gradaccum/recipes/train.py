@@ -142,12 +142,15 @@ def evaluate(model: torch.nn.Module, batcher: Batcher, device: torch.device, pre
 class _StopRequest:
     """SIGINT/SIGTERM: finish the current micro-batch, checkpoint, exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self.signal: Optional[int] = None
         self._old: dict[int, Any] = {}
+        # Under torchrun a mid-window checkpoint would need every rank's partial gradients:
+        # there the launcher's signal handling stays in charge.
+        self._enabled = enabled
 
     def __enter__(self) -> "_StopRequest":
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM) if self._enabled else ():
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
@@ -177,7 +180,9 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
         >>> summary["eval"]["accuracy"]  # doctest: +SKIP
     """
     # -- everything that can fail on input happens before anything is trained or written
-    device = resolve_device(cfg.device)
+    rank, world, device = _distributed(cfg)
+    if rank != 0:
+        log = _quiet
     writer_cls = None
     if cfg.tensorboard:
         try:
@@ -186,7 +191,9 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
             raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     splits = load_splits(cfg)
     tok, model = _build(cfg, len(splits.labels), splits.labels)
-    out = _prepare_out(cfg)
+    out = _prepare_out(cfg) if rank == 0 else Path(cfg.out)
+    if world > 1:
+        torch.distributed.barrier()  # the other ranks read what rank 0 prepared
     ckpt_path = checkpoint.latest(out) if cfg.resume else None
 
     def encode(texts: list[str]) -> list[list[int]]:
@@ -194,7 +201,6 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
 
     train = Batcher(encode(splits.train_texts), splits.train_labels, tok.pad_token_id, cfg.task)
     held = Batcher(encode(splits.eval_texts), splits.eval_labels, tok.pad_token_id, cfg.task)
-    world, rank = 1, 0
     effective = cfg.effective_batch * world
     k, sizes = cfg.steps_per_window, cfg.micro_batch_sizes
     per_epoch = count_windows(len(train.epoch_order(cfg.seed, 0, rank, world)), cfg.effective_batch)
@@ -206,6 +212,11 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
 
     model.to(device)
     model.train()
+    core = model  # saved, evaluated and loaded unwrapped
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = _optimizer(model, lr, cfg.weight_decay)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
     acc = Accumulator(
@@ -214,7 +225,7 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
     )
     progress = {"epoch": 0, "consumed": 0, "train_seconds": 0.0, "evals": []}
     if ckpt_path is not None:
-        state = checkpoint.load(ckpt_path, model)
+        state = checkpoint.load(ckpt_path, core)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         acc.load_state_dict(state["accumulator"])
@@ -222,18 +233,22 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
         random.setstate(state["rng"]["python"])
         progress = state["progress"]
         log(f"resuming from {ckpt_path} (optimizer step {acc.state.optimizer_step})")
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    metrics = report.MetricsFile(out / "metrics.csv", keep_until=acc.state.optimizer_step)
-    tb = writer_cls(str(out / "tensorboard")) if writer_cls else None
+    metrics, tb = None, None
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        metrics = report.MetricsFile(out / "metrics.csv", keep_until=acc.state.optimizer_step)
+        tb = writer_cls(str(out / "tensorboard")) if writer_cls else None
 
-    def save(consumed: int) -> Path:
+    def save(consumed: int) -> Optional[Path]:
+        if rank != 0:  # every rank holds the same weights and state at a window boundary
+            return None
         progress["consumed"] = consumed
         state = {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "accumulator": acc.state_dict(), "progress": progress,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
-        return checkpoint.save(out, acc.state.optimizer_step, model, state)
+        return checkpoint.save(out, acc.state.optimizer_step, core, state)
 
     log(
         f"gradaccum train: {cfg.task} on {splits.source}; {len(train.ids)} train / {len(held.ids)} eval examples\n"
@@ -243,10 +258,11 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
     )
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=acc.state.optimizer_step, unit="step", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total_steps, initial=acc.state.optimizer_step, unit="step", dynamic_ncols=True,
+               disable=None if rank == 0 else True)
     started = time.perf_counter() - progress["train_seconds"]
     done = acc.state.optimizer_step >= total_steps
-    with _StopRequest() as stop:
+    with _StopRequest(enabled=world == 1) as stop:
         while not done and progress["epoch"] < cfg.epochs:
             epoch = progress["epoch"]
             order = train.epoch_order(cfg.seed, epoch, rank, world)
@@ -269,7 +285,8 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
                         )
                 rep = window.step()
                 seconds = time.perf_counter() - t0
-                metrics.write(rep, epoch + 1, seconds)
+                if metrics is not None:
+                    metrics.write(rep, epoch + 1, seconds)
                 if tb is not None:
                     tb.add_scalar("train/loss", rep.loss, rep.step)
                     tb.add_scalar("train/lr", rep.lr, rep.step)
@@ -289,7 +306,7 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
                     break
             if not done:
                 progress["epoch"], progress["consumed"] = epoch + 1, 0
-            result = evaluate(model, held, device, cfg.precision)
+            result = _evaluate_rank0(core, held, device, cfg.precision, rank, world)
             progress["evals"].append({"step": acc.state.optimizer_step, "epoch": epoch + 1, **result})
             log(f"epoch {epoch + 1}: eval " + ", ".join(f"{k2} {v:.4f}" for k2, v in result.items()))
             if tb is not None:
@@ -304,7 +321,7 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
         tb.close()
     if not progress["evals"] or progress["evals"][-1]["step"] != acc.state.optimizer_step:
         progress["evals"].append({"step": acc.state.optimizer_step, "epoch": progress["epoch"] + 1,
-                                  **evaluate(model, held, device, cfg.precision)})
+                                  **_evaluate_rank0(core, held, device, cfg.precision, rank, world)})
     final = progress["evals"][-1]
     summary: dict[str, Any] = {
         "config": cfg.to_dict(),
@@ -323,9 +340,43 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
     else:
         top, base_acc, base_f1 = majority_baseline(splits.train_labels, held.labels, len(splits.labels))
         summary["baseline"] = {"kind": "majority class", "label": splits.labels[top], "accuracy": base_acc, "macro_f1": base_f1}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    report.plot_loss(out / "metrics.csv", progress["evals"], out / "loss.png")
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        report.plot_loss(out / "metrics.csv", progress["evals"], out / "loss.png")
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return summary
+
+
+def _quiet(message: str) -> None:
+    """Log sink of ranks other than 0."""
+
+
+def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """Rank, world size and device; under torchrun, also the process group (gloo on CPU,
+    NCCL on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(cfg.device)
+    if world == 1:
+        return 0, 1, device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
+
+
+def _evaluate_rank0(model, held, device, precision, rank, world) -> dict[str, Any]:
+    """Rank 0 evaluates the unwrapped model; the result is shared so every rank logs the same."""
+    result = evaluate(model, held, device, precision) if rank == 0 else None
+    if world > 1:
+        box = [result]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
 
 
 def _peak_memory(device: torch.device) -> dict[str, Any]:

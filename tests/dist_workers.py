@@ -1,0 +1,92 @@
+"""Code that runs inside each rank of the distributed tests (spawned processes, gloo)."""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import gradaccum
+from reference import RecordingSGD, TinyLM, lm_mean_loss
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def spawn(fn, world: int, tmp_path, *args) -> list:
+    """Run ``fn(rank, world, *args)`` in ``world`` processes; return each rank's result."""
+    import torch.multiprocessing as mp
+
+    store = os.path.join(str(tmp_path), "store")
+    results = os.path.join(str(tmp_path), "result")
+    mp.spawn(_entry, args=(world, store, results, fn, args), nprocs=world, join=True)
+    return [torch.load(f"{results}.{r}", weights_only=False) for r in range(world)]
+
+
+def _entry(rank, world, store, results, fn, args):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        out = fn(rank, world, *args)
+    except Exception as exc:  # report it to the test instead of hanging the other rank
+        out = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    torch.save(out, f"{results}.{rank}")
+    dist.destroy_process_group()
+
+
+def exact_lm(rank, world, wrap, per_rank_micro_batches, steps):
+    """Train a TinyLM wrapped in DDP or FSDP2; record weights and gradients per window."""
+    torch.manual_seed(0)
+    net = TinyLM()
+    init = {k: v.clone() for k, v in net.state_dict().items()}
+    calls = []
+    if wrap == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(net)
+
+        def hook(state, bucket):
+            calls.append(bucket.buffer().numel())
+            return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0] / world)
+
+        model.register_comm_hook(None, hook)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        model = fully_shard(net)
+    opt = RecordingSGD(model.parameters(), lr=0.5)
+    acc = gradaccum.Accumulator(model, opt, steps=steps)
+    before, reports, per_window_calls = [], [], []
+    for window in acc.windows(per_rank_micro_batches[rank]):
+        before.append([_full(p.detach()).clone() for p in model.parameters()])
+        start = len(calls)
+        for seqs in window:
+            loss, n = lm_mean_loss(model, seqs)
+            window.backward(loss, num_items=n)
+        reports.append(window.step())
+        per_window_calls.append(len(calls) - start)
+    return {
+        "init": init, "before": before, "reports": reports,
+        "seen": [[_full(g) for g in step] for step in opt.seen], "calls": per_window_calls,
+    }
+
+
+def uneven_windows(rank, world, windows_per_rank):
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = gradaccum.Accumulator(model, opt, steps=2)
+    data = [torch.randn(2, 3) for _ in range(2 * windows_per_rank[rank])]
+    t0 = time.time()
+    try:
+        for window in acc.windows(data):
+            for x in window:
+                window.backward(model(x).pow(2).mean(), num_items=2)
+            window.step()
+    except RuntimeError as exc:
+        return {"message": str(exc), "seconds": time.time() - t0, "steps": acc.state.optimizer_step}
+    return {"message": None, "seconds": time.time() - t0, "steps": acc.state.optimizer_step}

@@ -1,0 +1,95 @@
+"""Real processes (2 CPU ranks, gloo): exact across ranks, one all-reduce per step, no hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dist_workers
+from reference import TinyLM, big_batch_lm_grads, make_sequences, rel_error
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+
+def micro_batches(sizes, seed):
+    seqs = make_sequences(sum(sizes), seed=seed)
+    out, i = [], 0
+    for s in sizes:
+        out.append(seqs[i : i + s])
+        i += s
+    return out
+
+
+@pytest.mark.parametrize(
+    "wrap,rank1_sizes",
+    [
+        # DDP: rank 0 has 7 micro-batches (windows of 4 and 3), rank 1 has 6 (4 and 2).
+        ("ddp", [2, 2, 5, 1, 1, 2]),
+        # FSDP2 all-gathers parameters in every forward, so ranks need the same number of
+        # micro-batches; the items in them still differ.
+        ("fsdp2", [2, 2, 5, 1, 1, 2, 4]),
+    ],
+)
+def test_exact_across_ranks_with_uneven_items_and_last_windows(tmp_path, wrap, rank1_sizes):
+    per_rank = [micro_batches([3, 1, 4, 2, 2, 1, 3], seed=1), micro_batches(rank1_sizes, seed=2)]
+    results = dist_workers.spawn(dist_workers.exact_lm, 2, tmp_path, wrap, per_rank, 4)
+    for r in results:
+        assert "error" not in r, r.get("trace")
+    r0, r1 = results
+    assert len(r0["seen"]) == 2
+    windows = [(slice(0, 4), slice(0, 4)), (slice(4, 7), slice(4, len(rank1_sizes)))]
+    for w, (s0, s1) in enumerate(windows):
+        model = TinyLM()
+        model.load_state_dict(r0["init"])
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), r0["before"][w]):
+                p.copy_(value)
+        union = per_rank[0][s0] + per_rank[1][s1]  # the single-process big batch
+        want = big_batch_lm_grads(model, union)
+        for r in results:
+            assert rel_error(r["seen"][w], want) < 1e-5
+        # Reports are global and the same on every rank.
+        tokens = sum(len(s) - 1 for mb in union for s in mb)
+        assert r0["reports"][w].num_items == r1["reports"][w].num_items == tokens
+        assert r0["reports"][w].loss == pytest.approx(r1["reports"][w].loss, rel=1e-12)
+        assert r0["reports"][w].micro_batches == len(union)
+    if wrap == "ddp":
+        # One gradient all-reduce per window (one bucket for this small model), not one per micro-batch.
+        assert r0["calls"] == r1["calls"] == [1, 1]
+
+
+def test_a_rank_with_an_extra_window_fails_fast_naming_the_ranks(tmp_path):
+    results = dist_workers.spawn(dist_workers.uneven_windows, 2, tmp_path, [3, 2])
+    for r in results:
+        assert r["message"] is not None and "ranks [0] have more micro-batches" in r["message"]
+        assert "ranks [1] have none" in r["message"]
+        assert r["seconds"] < 20 and r["steps"] == 2
+
+
+def test_a_rank_with_no_data_at_all_fails_fast(tmp_path):
+    results = dist_workers.spawn(dist_workers.uneven_windows, 2, tmp_path, [1, 0])
+    for r in results:
+        assert r["message"] is not None and "ranks [0]" in r["message"] and r["steps"] == 0
+
+
+def test_train_under_torchrun(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "gradaccum", "train", "--task", "lm", "--effective-batch", "6", "--micro-batch", "4",
+         "--max-steps", "3", "--max-length", "24", "--train-limit", "40", "--eval-limit", "8", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["effective_batch"] == 12 and s["optimizer_steps"] == 3
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 4  # header + 3 steps, written once (rank 0)
+    assert "x 2 rank(s)" in proc.stdout
