@@ -194,3 +194,10 @@ def test_lm_recipe_gradient_equals_the_big_batch():
     (loss / (target != -100).sum()).backward()
     want = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ref.parameters()]
     assert rel_error(opt.seen[0], want) < 1e-5
+
+
+def test_verify_command_on_the_train_model(capsys):
+    code = main(["verify", "--task", "lm", "--effective-batch", "6", "--micro-batch", "2", "--max-length", "24"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "eval(): exact" in out and "train(): NOT exact" in out and "randomness" in out

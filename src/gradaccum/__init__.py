@@ -5,8 +5,10 @@ Example:
     >>> acc = gradaccum.Accumulator(model, optimizer, steps=4)  # doctest: +SKIP
 """
 
+from . import nn
 from ._lr import scale_lr
+from ._verify import VerifyReport, verify
 from ._window import Accumulator, AccumulatorState, StepReport, Window
 
-__all__ = ["Accumulator", "AccumulatorState", "StepReport", "Window", "scale_lr"]
+__all__ = ["Accumulator", "AccumulatorState", "StepReport", "VerifyReport", "Window", "nn", "scale_lr", "verify"]
 __version__ = "0.1.0"

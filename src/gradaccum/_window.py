@@ -9,11 +9,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
+from torch.nn.modules.batchnorm import _BatchNorm
+
 from . import _sync, _weights
+from .nn import WindowBatchNorm
 
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -253,6 +257,15 @@ class Accumulator:
                 "accum_dtype with a DDP/FSDP model is not supported: DDP would reduce only the "
                 "last micro-batch. Use FSDP2's MixedPrecisionPolicy(reduce_dtype=...) instead."
             )
+        self._window_norms = [m for m in model.modules() if isinstance(m, WindowBatchNorm)]
+        plain_bn = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and not isinstance(m, WindowBatchNorm)]
+        if plain_bn:
+            warnings.warn(
+                f"BatchNorm layers ({', '.join(plain_bn[:4])}{' ...' if len(plain_bn) > 4 else ''}) use "
+                "micro-batch statistics, so accumulation cannot match the big batch for them; "
+                "see gradaccum.nn.convert_batchnorm(model, to='window' or 'groupnorm')",
+                stacklevel=2,
+            )
         self._buffers: dict[int, torch.Tensor] = {}
         self._losses: list[tuple[torch.Tensor, float]] = []
         self.state = AccumulatorState()
@@ -400,6 +413,8 @@ class Accumulator:
         if self.scaler is not None:
             self.scaler.update()  # backs the scale off after an overflow
         self.optimizer.zero_grad(set_to_none=True)
+        for norm in self._window_norms:  # their running statistics move once per window
+            norm.close_window()
         st.optimizer_step += 1
         # Across ranks the next window reuses this window's global items per micro-batch: the
         # same number on every rank, and a boundary scale of 1 for a window like this one.

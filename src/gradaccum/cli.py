@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", metavar="FILE", help="read options from a TOML or YAML file; flags given here win")
     _add_config_flags(train)
+    check = sub.add_parser(
+        "verify",
+        help="check that accumulating the train command's model gives the big batch's gradient",
+        description="Compare the gradient of one effective batch of the training data with the one "
+        "accumulated over k micro-batches, in train() and eval() mode, and name what differs.",
+        argument_default=argparse.SUPPRESS,
+    )
+    check.add_argument("--config", metavar="FILE", help="read options from a TOML or YAML file; flags given here win")
+    _add_config_flags(check)
     return parser
 
 
@@ -77,7 +86,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = args.pop("command")
     if command == "train":
         return _train(args)
-    return 2
+    return _verify(args)
+
+
+def _verify(args: dict[str, Any]) -> int:
+    from .recipes.config import ConfigError, TrainConfig, read_config_file
+
+    try:
+        from .recipes.check import verify_config
+
+        values = read_config_file(args.pop("config")) if "config" in args else {}
+        values.update(args)
+        reports = verify_config(TrainConfig(**values))
+    except ImportError as exc:
+        print(f"gradaccum verify: error: {exc.name} is missing: pip install 'gradaccum[train]'", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"gradaccum verify: error: {exc}", file=sys.stderr)
+        return 2
+    for mode, r in reports.items():
+        verdict = "exact" if r.exact else "NOT exact"
+        print(f"{mode}(): {verdict}: max relative error {r.max_rel_error:.2e} over {r.steps} micro-batches (tolerance {r.tolerance:g})")
+        for cause in r.causes:
+            print(f"  - {cause}")
+    return 0 if reports["eval"].exact else 1
 
 
 def _train(args: dict[str, Any]) -> int:
