@@ -10,13 +10,13 @@ import contextlib
 import dataclasses
 import math
 import warnings
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _sync, _weights
+from . import _split, _sync, _weights
 from .nn import WindowBatchNorm
 
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,6 +35,7 @@ class StepReport:
         grad_norm: total norm of the window's gradient before clipping.
         skipped: True when the gradient was not finite: no update, no scheduler step.
         lr: learning rate of the first parameter group used for this update.
+        splits: micro-batches split in two after an out-of-memory error in this window.
 
     Example:
         >>> report = window.step()  # doctest: +SKIP
@@ -48,6 +49,7 @@ class StepReport:
     grad_norm: float
     skipped: bool
     lr: Optional[float] = None
+    splits: int = 0
 
 
 @dataclasses.dataclass
@@ -63,6 +65,7 @@ class AccumulatorState:
         reference: items per micro-batch behind the provisional weights (see ``_weights``):
             the window's first micro-batch in one process; across ranks a shared value
             carried from window to window.
+        splits: out-of-memory splits in the open window (see ``Window.forward_backward``).
         loss_sum: sum of loss * items over the open window's micro-batches saved before
             (while running, the losses are kept as tensors and summed at the step, so that
             no micro-batch waits for the device).
@@ -75,10 +78,11 @@ class AccumulatorState:
     weighted: Optional[bool] = None
     reference: Optional[float] = None
     loss_sum: float = 0.0
+    splits: int = 0
 
     def close_window(self) -> None:
         """Forget the open window, keep the counters that outlive it."""
-        self.planned = self.micro_batches = 0
+        self.planned = self.micro_batches = self.splits = 0
         self.items, self.weighted, self.loss_sum = 0.0, None, 0.0
 
 
@@ -135,6 +139,7 @@ class Window:
         self._acc = accumulator
         self._batches = batches
         self._remaining = accumulator.state.planned - accumulator.state.micro_batches
+        self._last = False
         self.closed = False
 
     @property
@@ -151,6 +156,7 @@ class Window:
             # The last micro-batch is the one whose backward may synchronise across ranks;
             # in a partial window only a look at the next batch tells which one that is.
             last = i == self._remaining - 1 or not self._batches.has_next()
+            self._last = last
             if acc._autocast is None and (last or not acc._sync_control):
                 yield batch  # nothing to enter: keep the plain path free of context overhead
                 continue
@@ -169,6 +175,19 @@ class Window:
             >>> window.backward(out.loss, num_items=int((labels != -100).sum()))  # doctest: +SKIP
         """
         self._acc._backward(self, loss, num_items)
+
+    def forward_backward(self, batch: Any, loss_fn: Callable[[Any], tuple[torch.Tensor, Any]]) -> None:
+        """Run ``loss_fn(batch) -> (mean loss, num_items)`` and its backward, surviving
+        out-of-memory errors: what a failed attempt added is discarded, the batch is split
+        in two along dim 0 and the halves are retried, and the window's update is still the
+        big batch's. The working split is kept for later micro-batches.
+
+        Example:
+            >>> def loss_fn(b):  # doctest: +SKIP
+            ...     return model(**b).loss, int((b["labels"] != -100).sum())
+            >>> window.forward_backward(batch, loss_fn)  # doctest: +SKIP
+        """
+        self._acc._forward_backward(self, batch, loss_fn)
 
     def step(self) -> StepReport:
         """Close the window: rescale, unscale, clip, update, step the scheduler, zero grads.
@@ -268,6 +287,7 @@ class Accumulator:
             )
         self._buffers: dict[int, torch.Tensor] = {}
         self._losses: list[tuple[torch.Tensor, float]] = []
+        self._parts = 1  # forward_backward's remembered split of a micro-batch
         self.state = AccumulatorState()
 
     # -- the loop ---------------------------------------------------------------------
@@ -367,6 +387,59 @@ class Accumulator:
         st.items += n
         self._losses.append((loss.detach(), n))  # summed at the step: no per-micro-batch work
 
+    def _forward_backward(self, window: Window, batch: Any, loss_fn: Callable[[Any], tuple[torch.Tensor, Any]]) -> None:
+        done_before = self.state.micro_batches
+        pieces = [batch]
+        parts = min(self._parts, _split.batch_size(batch) or 1)
+        if parts > 1:
+            pieces = _split.split_batch(batch, parts)
+        while pieces:
+            piece = pieces.pop(0)
+            # Only the final piece of a window's last micro-batch may synchronise across ranks.
+            sync = window._last and not pieces
+            try:
+                self._piece_backward(window, piece, loss_fn, sync)
+            except torch.OutOfMemoryError as exc:
+                n = _split.batch_size(piece)
+                if n is None or n <= 1:
+                    raise torch.OutOfMemoryError(
+                        f"out of memory on a micro-batch of {n} item(s), which cannot be split further: "
+                        "the model alone does not fit; free memory or shard the model"
+                    ) from exc
+                pieces[:0] = _split.split_batch(piece, 2)
+                self.state.splits += 1
+                self._parts = max(self._parts, -(-(_split.batch_size(batch) or 1) // ((n + 1) // 2)))
+                if self._device.type == "cuda":
+                    torch.cuda.empty_cache()
+        self.state.micro_batches = done_before + 1  # the pieces are one micro-batch of the window
+
+    def _piece_backward(self, window: Window, piece: Any, loss_fn: Callable, sync: bool) -> None:
+        if sync and self._world > 1:
+            # The synchronising backward writes reduced gradients over what was held: it cannot
+            # be undone, so it runs once, without a snapshot.
+            loss, n = loss_fn(piece)
+            self._backward(window, loss, n)
+            return
+        # Hold the gradients so far aside: the attempt writes fresh ones, which are kept only
+        # if it finishes (an OOM in backward may have written some parameters already).
+        held = [p.grad for p in self._params]
+        for p in self._params:
+            p.grad = None
+        try:
+            context = _sync.skip_gradient_sync(self.model) if self._world > 1 else contextlib.nullcontext()
+            with context:
+                loss, n = loss_fn(piece)
+                self._backward(window, loss, n)
+        except BaseException:
+            for p, g in zip(self._params, held):
+                p.grad = g
+            raise
+        for p, g in zip(self._params, held):
+            if g is not None:
+                if p.grad is not None:
+                    g.add_(p.grad)
+                p.grad = g
+
     def _move_to_buffers(self) -> None:
         # Summing many bf16 gradients in bf16 loses low bits at every add; the buffer keeps
         # them, and the single cast at the step rounds once.
@@ -419,7 +492,7 @@ class Accumulator:
         # Across ranks the next window reuses this window's global items per micro-batch: the
         # same number on every rank, and a boundary scale of 1 for a window like this one.
         st.reference = items / micro_batches if self._world > 1 else None
-        weighted = st.weighted
+        weighted, splits = st.weighted, st.splits
         st.close_window()
         self._losses = []
         window.closed = True
@@ -433,6 +506,7 @@ class Accumulator:
             grad_norm=norm,
             skipped=skipped,
             lr=float(lr) if lr is not None else None,
+            splits=splits,
         )
 
     def _loss_sum(self) -> float:

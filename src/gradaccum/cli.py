@@ -53,24 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (``gradaccum --help``)."""
     parser = argparse.ArgumentParser(prog="gradaccum", description="Gradient accumulation whose update equals the one big batch's update.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser(
-        "train",
-        help="fine-tune a model with exact accumulation (default: all-MiniLM-L6-v2 on UCI drug reviews)",
-        description="Fine-tune a Hugging Face model with exact gradient accumulation, offline. "
-        "With no options: 3-class sentiment of UCI drug reviews with all-MiniLM-L6-v2.",
-        argument_default=argparse.SUPPRESS,
-    )
-    train.add_argument("--config", metavar="FILE", help="read options from a TOML or YAML file; flags given here win")
-    _add_config_flags(train)
-    check = sub.add_parser(
-        "verify",
-        help="check that accumulating the train command's model gives the big batch's gradient",
-        description="Compare the gradient of one effective batch of the training data with the one "
-        "accumulated over k micro-batches, in train() and eval() mode, and name what differs.",
-        argument_default=argparse.SUPPRESS,
-    )
-    check.add_argument("--config", metavar="FILE", help="read options from a TOML or YAML file; flags given here win")
-    _add_config_flags(check)
+    commands = {
+        "train": ("fine-tune a model with exact accumulation (default: all-MiniLM-L6-v2 on UCI drug reviews)",
+                  "Fine-tune a Hugging Face model with exact gradient accumulation, offline. "
+                  "With no options: 3-class sentiment of UCI drug reviews with all-MiniLM-L6-v2."),
+        "verify": ("check that accumulating the train command's model gives the big batch's gradient",
+                   "Compare the gradient of one effective batch of the training data with the one "
+                   "accumulated over k micro-batches, in train() and eval() mode, and name what differs."),
+    }
+    for name, (summary, description) in commands.items():
+        command = sub.add_parser(name, help=summary, description=description, argument_default=argparse.SUPPRESS)
+        command.add_argument("--config", metavar="FILE", help="read options from a TOML or YAML file; flags given here win")
+        _add_config_flags(command)
     return parser
 
 

@@ -161,14 +161,24 @@ class Batcher:
             mask[row, : len(s)] = 1
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
         if self.task == "lm":
-            labels = input_ids.masked_fill(mask == 0, -100)
-            batch["labels"] = labels
-            # The causal-LM loss predicts token t+1 from t: the first position is never a target.
-            batch["num_items"] = int((labels[:, 1:] != -100).sum())
+            batch["labels"] = input_ids.masked_fill(mask == 0, -100)
         else:
             batch["labels"] = torch.tensor([self.labels[i] for i in index])
-            batch["num_items"] = len(index)
+        batch["num_items"] = count_items(batch, self.task)
         return batch
+
+
+def count_items(batch: dict[str, Any], task: str) -> int:
+    """The items a batch's mean loss is over: predicted tokens for the LM, samples otherwise.
+
+    >>> count_items({"labels": torch.tensor([[5, 6, -100], [7, 8, 9]])}, "lm")
+    3
+    """
+    labels = batch["labels"]
+    if task == "lm":
+        # The causal-LM loss predicts token t+1 from t: the first position is never a target.
+        return int((labels[:, 1:] != -100).sum())
+    return int(labels.shape[0])
 
 
 def count_windows(n_examples: int, effective_batch: int) -> int:

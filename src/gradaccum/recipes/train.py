@@ -23,7 +23,7 @@ from .._lr import scale_lr
 from .._window import Accumulator
 from . import assets, checkpoint, report
 from .config import ConfigError, TrainConfig, check_model_dir
-from .data import Batcher, count_windows, load_splits, majority_baseline, resolve_device, unigram_loss
+from .data import Batcher, count_items, count_windows, load_splits, majority_baseline, resolve_device, unigram_loss
 
 RESUMABLE_OVERRIDES = ("epochs", "max_steps", "save_every", "tensorboard", "device", "eval_limit")
 
@@ -258,6 +258,9 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
     )
     from tqdm.auto import tqdm
 
+    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        return model(**batch).loss, count_items(batch, cfg.task)
+
     bar = tqdm(total=total_steps, initial=acc.state.optimizer_step, unit="step", dynamic_ncols=True,
                disable=None if rank == 0 else True)
     started = time.perf_counter() - progress["train_seconds"]
@@ -270,9 +273,9 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
             for window in acc.windows(train.micro_batches(order, sizes, skip=consumed)):
                 t0 = time.perf_counter()
                 for batch in window:
-                    n = batch.pop("num_items")
-                    loss = model(**{key: v.to(device) for key, v in batch.items()}).loss
-                    window.backward(loss, num_items=n)
+                    batch.pop("num_items")
+                    # forward_backward splits a micro-batch that runs out of memory, exactly.
+                    window.forward_backward({key: v.to(device) for key, v in batch.items()}, loss_fn)
                     consumed += 1
                     if stop.signal is not None:
                         progress["train_seconds"] = time.perf_counter() - started

@@ -1,0 +1,138 @@
+"""Out-of-memory retries, signals and resume: the update stays the big batch's."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gradaccum
+from reference import RecordingSGD, f64_grads, rel_error
+
+
+class OOMAbove(torch.nn.Module):
+    """Raises out-of-memory in forward (or in backward) for batches larger than ``limit``."""
+
+    def __init__(self, limit: int, where: str):
+        super().__init__()
+        self.limit, self.where, self.raised = limit, where, 0
+
+    def forward(self, x):
+        if self.where == "forward" and x.shape[0] > self.limit:
+            self.raised += 1
+            raise torch.OutOfMemoryError("injected: out of memory in forward")
+        if self.where == "backward":
+            return _BackwardOOM.apply(x, self)
+        return x
+
+
+class _BackwardOOM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, owner):
+        ctx.owner = owner
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad.shape[0] > ctx.owner.limit:
+            ctx.owner.raised += 1
+            raise torch.OutOfMemoryError("injected: out of memory in backward")
+        return grad, None
+
+
+def model_with(where, limit=3):
+    torch.manual_seed(0)
+    # The injection sits after the first layer: in backward, the later layers' gradients
+    # are already accumulated when it fails.
+    return torch.nn.Sequential(torch.nn.Linear(5, 16), OOMAbove(limit, where), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_oom_splits_and_the_window_stays_exact(where):
+    model = model_with(where)
+    clean = copy.deepcopy(model)
+    clean[1].limit = 10**9  # the reference is the one big batch, which fits
+    opt = RecordingSGD(model.parameters(), lr=0.0)
+    acc = gradaccum.Accumulator(model, opt, steps=3)
+    g = torch.Generator().manual_seed(1)
+    sizes = [8, 5, 2]
+    batches = [(torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in sizes]
+
+    def loss_fn(b):
+        return F.cross_entropy(model(b[0]), b[1]), len(b[1])
+
+    for window in acc.windows(batches):
+        for b in window:
+            window.forward_backward(b, loss_fn)
+        report = window.step()
+    oom_layer = model[1]
+    assert report.splits >= 2 and report.micro_batches == 3 and report.num_items == 15
+    raised_first = oom_layer.raised
+    X, Y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    want = f64_grads(clean, lambda m: F.cross_entropy(m(X.double()), Y))
+    assert rel_error(opt.seen[0], want) < 1e-6
+    # The working split is remembered: the next window starts from it and never fails.
+    for window in acc.windows(batches[:1]):
+        for b in window:
+            window.forward_backward(b, loss_fn)
+        assert window.step().splits == 0
+    assert oom_layer.raised == raised_first
+
+
+def test_one_item_that_still_runs_out_of_memory_reraises():
+    model = model_with("forward", limit=0)
+    acc = gradaccum.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=1)
+    window = next(iter(acc.windows([(torch.randn(2, 5), torch.tensor([0, 1]))])))
+    for b in window:
+        with pytest.raises(torch.OutOfMemoryError, match="cannot be split further"):
+            window.forward_backward(b, lambda b: (F.cross_entropy(model(b[0]), b[1]), 2))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_split_batch_handles_dicts_and_tuples():
+    from gradaccum._split import split_batch
+
+    batch = {"input_ids": torch.arange(10).view(5, 2), "meta": [torch.arange(5), "x"]}
+    parts = split_batch(batch, 2)
+    assert [p["input_ids"].shape[0] for p in parts] == [3, 2]
+    assert torch.equal(parts[1]["meta"][0], torch.tensor([3, 4])) and parts[1]["meta"][1] == "x"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigint_checkpoints_mid_window_and_resume_gives_the_same_weights(tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    args = ["--task", "lm", "--effective-batch", "8", "--micro-batch", "2", "--epochs", "1",
+            "--max-length", "24", "--train-limit", "64", "--eval-limit", "8", "--lr", "1e-3", "--save-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, "-m", "gradaccum", "train", *args, "--out", str(straight)], check=True, env=env,
+                   capture_output=True, timeout=300)
+    broken = tmp_path / "broken"
+    proc = subprocess.Popen([sys.executable, "-m", "gradaccum", "train", *args, "--out", str(broken)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = broken / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped by signal SIGINT" in err and "--resume" in err
+    done = subprocess.run([sys.executable, "-m", "gradaccum", "train", "--resume", str(broken)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    a = load_file(sorted((straight / "checkpoints").iterdir())[-1] / "model.safetensors")
+    b = load_file(sorted((broken / "checkpoints").iterdir())[-1] / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert json.loads((broken / "summary.json").read_text())["optimizer_steps"] == 8
