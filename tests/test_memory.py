@@ -136,3 +136,31 @@ def test_sigint_checkpoints_mid_window_and_resume_gives_the_same_weights(tmp_pat
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     assert json.loads((broken / "summary.json").read_text())["optimizer_steps"] == 8
+
+
+def test_plan_parses_budgets_and_recommends_the_fastest_that_fits():
+    from gradaccum.recipes.config import ConfigError
+    from gradaccum.recipes.plan import Trial, parse_bytes, recommend
+
+    assert parse_bytes("6GiB") == 6 * 2**30 and parse_bytes("512 MB") == 512 * 10**6
+    with pytest.raises(ConfigError, match="--memory-budget"):
+        parse_bytes("lots")
+    trials = [Trial(4, 100, 0.1, True), Trial(8, 180, 0.15, True), Trial(16, 400, 0.5, False)]
+    assert recommend(trials, 16).micro_batch == 8  # 53 samples/s beats 40, and 16 does not fit
+    trials[1] = Trial(8, 180, 0.4, True)
+    assert recommend(trials, 16).micro_batch == 4  # the largest that fits is not the fastest
+
+
+def test_plan_command_and_micro_batch_auto(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from gradaccum.cli import main
+
+    tiny = ["--task", "lm", "--effective-batch", "4", "--max-length", "16", "--train-limit", "16", "--eval-limit", "4"]
+    assert main(["plan", *tiny, "--memory-budget", "8GiB"]) == 0
+    assert "recommended: --micro-batch" in capsys.readouterr().out
+    out = tmp_path / "run"
+    assert main(["train", *tiny, "--micro-batch", "auto", "--epochs", "1", "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert isinstance(saved["micro_batch"], int) and 1 <= saved["micro_batch"] <= 4
+    assert main(["plan", *tiny, "--memory-budget", "1KiB"]) == 2
+    assert "no micro-batch size fits" in capsys.readouterr().err

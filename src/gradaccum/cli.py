@@ -25,6 +25,13 @@ def _int_or_float(text: str) -> Any:
         return float(text)
 
 
+def _int_or_word(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     from .recipes.config import TrainConfig
 
@@ -40,6 +47,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             kw["action"] = argparse.BooleanOptionalAction
         elif hint == typing.Union[int, float]:
             kw["type"] = _int_or_float
+        elif hint == typing.Union[int, str]:
+            kw["type"] = _int_or_word
         elif type(None) in args:
             inner = next(a for a in args if a is not type(None))
             kw["type"] = _parse_optional(inner)
@@ -57,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train": ("fine-tune a model with exact accumulation (default: all-MiniLM-L6-v2 on UCI drug reviews)",
                   "Fine-tune a Hugging Face model with exact gradient accumulation, offline. "
                   "With no options: 3-class sentiment of UCI drug reviews with all-MiniLM-L6-v2."),
+        "plan": ("measure peak memory and speed at several micro-batch sizes and recommend one",
+                 "For the train command's model and data, measure one forward + backward at a few "
+                 "micro-batch sizes on the longest examples and recommend the fastest that fits "
+                 "--memory-budget (default: the device's free memory)."),
         "verify": ("check that accumulating the train command's model gives the big batch's gradient",
                    "Compare the gradient of one effective batch of the training data with the one "
                    "accumulated over k micro-batches, in train() and eval() mode, and name what differs."),
@@ -80,7 +93,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = args.pop("command")
     if command == "train":
         return _train(args)
+    if command == "plan":
+        return _plan(args)
     return _verify(args)
+
+
+def _plan(args: dict[str, Any]) -> int:
+    from .recipes.config import ConfigError, TrainConfig, read_config_file
+
+    try:
+        from .recipes.plan import parse_bytes, plan
+
+        values = read_config_file(args.pop("config")) if "config" in args else {}
+        values.update(args)
+        cfg = TrainConfig(**values)
+        plan(cfg, parse_bytes(cfg.memory_budget) if cfg.memory_budget else None)
+    except ImportError as exc:
+        print(f"gradaccum plan: error: {exc.name} is missing: pip install 'gradaccum[train]'", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"gradaccum plan: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _verify(args: dict[str, Any]) -> int:

@@ -40,7 +40,8 @@ class TrainConfig:
     """
 
     effective_batch: int = _field(16, "samples per optimizer step on each rank; the window is exactly this batch")
-    micro_batch: int = _field(4, "samples per forward/backward; k = ceil(effective / micro), the last micro-batch of a window takes the rest")
+    micro_batch: Union[int, str] = _field(4, "samples per forward/backward, or 'auto' (measured by gradaccum plan); k = ceil(effective / micro), the last micro-batch of a window takes the rest")
+    memory_budget: Optional[str] = _field(None, "memory for --micro-batch auto and gradaccum plan, e.g. 6GiB (default: what the device has free)")
     epochs: int = _field(5, "passes over the training data")
     max_steps: Optional[int] = _field(None, "stop after this many optimizer steps (also the LR schedule's horizon)")
     lr: float = _field(1e-4, "peak learning rate (AdamW), before --lr-scaling")
@@ -68,9 +69,15 @@ class TrainConfig:
     eval_limit: Optional[int] = _field(None, "evaluate on only the first N evaluation examples")
 
     def __post_init__(self) -> None:
-        _positive_int(self, "effective_batch", "micro_batch", "epochs", "base_batch", "max_length", "num_conditions")
+        _positive_int(self, "effective_batch", "epochs", "base_batch", "max_length", "num_conditions")
+        if self.micro_batch != "auto":
+            _positive_int(self, "micro_batch")
         _optional_positive_int(self, "max_steps", "train_limit", "eval_limit")
-        if self.effective_batch < self.micro_batch:
+        if self.memory_budget is not None:
+            from .plan import parse_bytes
+
+            parse_bytes(self.memory_budget)
+        if self.micro_batch != "auto" and self.effective_batch < self.micro_batch:
             raise ConfigError(
                 f"--effective-batch ({self.effective_batch}) is smaller than --micro-batch ({self.micro_batch}): "
                 "the effective batch is what one optimizer step sees; raise it or lower --micro-batch"
@@ -109,6 +116,8 @@ class TrainConfig:
     @property
     def steps_per_window(self) -> int:
         """k: micro-batches per optimizer step."""
+        if not isinstance(self.micro_batch, int):
+            raise ConfigError("--micro-batch auto must be resolved (gradaccum plan) before k is known")
         return math.ceil(self.effective_batch / self.micro_batch)
 
     @property

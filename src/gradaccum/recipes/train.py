@@ -189,6 +189,15 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
             from torch.utils.tensorboard import SummaryWriter as writer_cls
         except ImportError:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    if cfg.micro_batch == "auto":
+        from .plan import parse_bytes, plan
+
+        chosen = plan(cfg, parse_bytes(cfg.memory_budget) if cfg.memory_budget else None, log=log)
+        if world > 1:  # every rank must use rank 0's choice
+            box = [chosen["micro_batch"]]
+            torch.distributed.broadcast_object_list(box, src=0)
+            chosen["micro_batch"] = box[0]
+        cfg = dataclasses.replace(cfg, micro_batch=chosen["micro_batch"])
     splits = load_splits(cfg)
     tok, model = _build(cfg, len(splits.labels), splits.labels)
     out = _prepare_out(cfg) if rank == 0 else Path(cfg.out)

@@ -1,0 +1,163 @@
+"""``gradaccum plan``: measure memory and speed per micro-batch size, recommend one.
+
+Peak memory of one forward plus backward is measured at a few micro-batch sizes on the
+longest examples of the training data (the worst case of dynamic padding):
+
+- CUDA: the caching allocator's peak (``torch.cuda.max_memory_allocated``) after a reset.
+- CPU: the process's peak resident set (``VmHWM`` in ``/proc/self/status``) minus the
+  resident set once the model is loaded. The C allocator keeps freed memory and reuses it,
+  so a per-size reset would miss what an earlier size left resident; instead sizes are
+  measured smallest first and each reading is the high-water mark so far, an estimate
+  that can only err on the high side.
+
+The recommendation is the size with the highest measured throughput among those whose peak
+fits the budget: not merely the largest that fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .config import ConfigError, TrainConfig
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
+          "g": 1e9, "gb": 1e9, "gib": 1024**3, "t": 1e12, "tb": 1e12, "tib": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+    """``"6GiB"`` -> 6442450944.
+
+    >>> parse_bytes("512MiB")
+    536870912
+    """
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"--memory-budget {text!r}: give a size such as 6GiB, 512MiB or 8GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclasses.dataclass
+class Trial:
+    """One measured micro-batch size."""
+
+    micro_batch: int
+    peak_bytes: int
+    seconds: float
+    fits: bool
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.micro_batch / self.seconds if self.seconds > 0 else 0.0
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(field)
+
+
+def free_memory(device: torch.device) -> int:
+    """Memory free for training on ``device`` now (CUDA: free device memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise ConfigError("cannot read free memory on this system: give --memory-budget")
+
+
+def baseline(device: torch.device) -> int:
+    """Memory in use before any micro-batch runs (the model, the data)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _rss_kib("VmRSS") * 1024
+
+
+def measure(step: Callable[[int], None], size: int, device: torch.device, base: int, repeats: int = 2) -> tuple[int, float]:
+    """Peak bytes above ``base`` and median seconds of ``step(size)`` (one forward + backward)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    step(size)  # warm-up: lazy allocations and kernels
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step(size)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+    return max(0, peak - base), sorted(times)[len(times) // 2]
+
+
+def recommend(trials: list[Trial], effective_batch: int) -> Optional[Trial]:
+    """The fastest fitting trial (ties: the larger micro-batch)."""
+    fitting = [t for t in trials if t.fits]
+    if not fitting:
+        return None
+    return max(fitting, key=lambda t: (round(t.samples_per_second, 6), t.micro_batch))
+
+
+def plan(cfg: TrainConfig, budget: Optional[int] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure candidate micro-batch sizes for ``cfg`` and recommend one (and k).
+
+    Example:
+        >>> plan(TrainConfig(effective_batch=32), budget=parse_bytes("6GiB"))["micro_batch"]  # doctest: +SKIP
+        8
+    """
+    from .data import Batcher, load_splits, resolve_device
+    from .train import _build
+
+    device = resolve_device(cfg.device)
+    splits = load_splits(cfg)
+    tok, model = _build(cfg, len(splits.labels), splits.labels)
+    model.to(device).train()
+    ids = tok(splits.train_texts, truncation=True, max_length=cfg.max_length)["input_ids"]
+    longest = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    labels = splits.train_labels or [0] * len(ids)
+    batcher = Batcher(ids, labels, tok.pad_token_id, cfg.task)
+    budget = budget if budget is not None else free_memory(device)
+    E = cfg.effective_batch
+    sizes = sorted({min(E, 2**i) for i in range(int(math.log2(E)) + 1)} | {E})
+
+    def step(size: int) -> None:
+        index = [longest[i % len(longest)] for i in range(size)]
+        batch = batcher.collate(index)
+        batch.pop("num_items")
+        out = model(**{k: v.to(device) for k, v in batch.items()})
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+        del out
+
+    trials = []
+    base = baseline(device)
+    log(f"plan: effective batch {E}, budget {budget / 2**30:.2f} GiB on {device}; measuring on the longest examples")
+    for size in sizes:
+        try:
+            peak, seconds = measure(step, size, device, base)
+        except torch.OutOfMemoryError:
+            trials.append(Trial(size, -1, math.inf, False))
+            break
+        trial = Trial(size, peak, seconds, peak <= budget)
+        trials.append(trial)
+        log(f"  micro-batch {size:>4}: peak {peak / 2**20:9.1f} MiB, {trial.samples_per_second:8.1f} samples/s"
+            + ("" if trial.fits else "  (over budget)"))
+        if not trial.fits:
+            break
+    best = recommend(trials, E)
+    if best is None:
+        raise ConfigError(f"no micro-batch size fits in {budget / 2**20:.0f} MiB, not even {sizes[0]}; "
+                          "lower --max-length or raise --memory-budget")
+    k = math.ceil(E / best.micro_batch)
+    log(f"recommended: --micro-batch {best.micro_batch} (k = {k}), {best.samples_per_second:.1f} samples/s, "
+        f"peak {best.peak_bytes / 2**20:.1f} MiB")
+    return {"micro_batch": best.micro_batch, "k": k, "budget_bytes": budget,
+            "trials": [dataclasses.asdict(t) for t in trials]}
