@@ -91,47 +91,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
-    if command == "train":
-        return _train(args)
-    if command == "plan":
-        return _plan(args)
-    return _verify(args)
-
-
-def _plan(args: dict[str, Any]) -> int:
-    from .recipes.config import ConfigError, TrainConfig, read_config_file
+    body = {"train": _train, "plan": _plan, "verify": _verify}[command]
+    from .recipes.checkpoint import CheckpointError
+    from .recipes.config import ConfigError, read_config_file
 
     try:
-        from .recipes.plan import parse_bytes, plan
-
         values = read_config_file(args.pop("config")) if "config" in args else {}
         values.update(args)
-        cfg = TrainConfig(**values)
-        plan(cfg, parse_bytes(cfg.memory_budget) if cfg.memory_budget else None)
+        return body(values)
     except ImportError as exc:
-        print(f"gradaccum plan: error: {exc.name} is missing: pip install 'gradaccum[train]'", file=sys.stderr)
-        return 2
-    except ConfigError as exc:
-        print(f"gradaccum plan: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"gradaccum {command}: error: {exc.name} is missing: pip install 'gradaccum[train]'", file=sys.stderr)
+    except (ConfigError, CheckpointError) as exc:  # bad input: said before any training starts
+        print(f"gradaccum {command}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _plan(values: dict[str, Any]) -> int:
+    from .recipes.config import TrainConfig
+    from .recipes.plan import parse_bytes, plan
+
+    cfg = TrainConfig(**values)
+    plan(cfg, parse_bytes(cfg.memory_budget) if cfg.memory_budget else None)
     return 0
 
 
-def _verify(args: dict[str, Any]) -> int:
-    from .recipes.config import ConfigError, TrainConfig, read_config_file
+def _verify(values: dict[str, Any]) -> int:
+    from .recipes.check import verify_config
+    from .recipes.config import TrainConfig
 
-    try:
-        from .recipes.check import verify_config
-
-        values = read_config_file(args.pop("config")) if "config" in args else {}
-        values.update(args)
-        reports = verify_config(TrainConfig(**values))
-    except ImportError as exc:
-        print(f"gradaccum verify: error: {exc.name} is missing: pip install 'gradaccum[train]'", file=sys.stderr)
-        return 2
-    except ConfigError as exc:
-        print(f"gradaccum verify: error: {exc}", file=sys.stderr)
-        return 2
+    reports = verify_config(TrainConfig(**values))
     for mode, r in reports.items():
         verdict = "exact" if r.exact else "NOT exact"
         print(f"{mode}(): {verdict}: max relative error {r.max_rel_error:.2e} over {r.steps} micro-batches (tolerance {r.tolerance:g})")
@@ -140,26 +128,16 @@ def _verify(args: dict[str, Any]) -> int:
     return 0 if reports["eval"].exact else 1
 
 
-def _train(args: dict[str, Any]) -> int:
-    from .recipes.checkpoint import CheckpointError
-    from .recipes.config import ConfigError, TrainConfig, read_config_file
+def _train(values: dict[str, Any]) -> int:
+    from .recipes import train
+    from .recipes.config import TrainConfig
 
+    if values.get("resume"):
+        cfg = train.resume_config(values.pop("resume"), values)
+    else:
+        cfg = TrainConfig(**values)
     try:
-        from .recipes import train
-    except ImportError as exc:
-        print(f"gradaccum train: error: {exc.name} is missing: pip install 'gradaccum[train]'", file=sys.stderr)
-        return 2
-    try:
-        values = read_config_file(args.pop("config")) if "config" in args else {}
-        values.update(args)
-        if values.get("resume"):
-            cfg = train.resume_config(values.pop("resume"), values)
-        else:
-            cfg = TrainConfig(**values)
         summary = train.run(cfg)
-    except (ConfigError, CheckpointError) as exc:
-        print(f"gradaccum train: error: {exc}", file=sys.stderr)
-        return 2
     except train.Interrupted as exc:
         print(f"gradaccum train: {exc}", file=sys.stderr)
         return 130
