@@ -39,7 +39,7 @@ def _entry(rank, world, store, results, fn, args):
     dist.destroy_process_group()
 
 
-def exact_lm(rank, world, wrap, per_rank_micro_batches, steps):
+def exact_lm(rank, world, wrap, per_rank_micro_batches, steps, sync_every=False):
     """Train a TinyLM wrapped in DDP or FSDP2; record weights and gradients per window."""
     torch.manual_seed(0)
     net = TinyLM()
@@ -60,7 +60,7 @@ def exact_lm(rank, world, wrap, per_rank_micro_batches, steps):
 
         model = fully_shard(net)
     opt = RecordingSGD(model.parameters(), lr=0.5)
-    acc = gradaccum.Accumulator(model, opt, steps=steps)
+    acc = gradaccum.Accumulator(model, opt, steps=steps, sync_every_micro_batch=sync_every)
     before, reports, per_window_calls = [], [], []
     for window in acc.windows(per_rank_micro_batches[rank]):
         before.append([_full(p.detach()).clone() for p in model.parameters()])

@@ -26,18 +26,19 @@ def micro_batches(sizes, seed):
 
 
 @pytest.mark.parametrize(
-    "wrap,rank1_sizes",
+    "wrap,rank1_sizes,sync_every",
     [
         # DDP: rank 0 has 7 micro-batches (windows of 4 and 3), rank 1 has 6 (4 and 2).
-        ("ddp", [2, 2, 5, 1, 1, 2]),
+        ("ddp", [2, 2, 5, 1, 1, 2], False),
         # FSDP2 all-gathers parameters in every forward, so ranks need the same number of
         # micro-batches; the items in them still differ.
-        ("fsdp2", [2, 2, 5, 1, 1, 2, 4]),
+        ("fsdp2", [2, 2, 5, 1, 1, 2, 4], False),
+        ("fsdp2", [2, 2, 5, 1, 1, 2, 4], True),  # reduce-scatter after every micro-batch
     ],
 )
-def test_exact_across_ranks_with_uneven_items_and_last_windows(tmp_path, wrap, rank1_sizes):
+def test_exact_across_ranks_with_uneven_items_and_last_windows(tmp_path, wrap, rank1_sizes, sync_every):
     per_rank = [micro_batches([3, 1, 4, 2, 2, 1, 3], seed=1), micro_batches(rank1_sizes, seed=2)]
-    results = dist_workers.spawn(dist_workers.exact_lm, 2, tmp_path, wrap, per_rank, 4)
+    results = dist_workers.spawn(dist_workers.exact_lm, 2, tmp_path, wrap, per_rank, 4, sync_every)
     for r in results:
         assert "error" not in r, r.get("trace")
     r0, r1 = results

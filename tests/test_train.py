@@ -201,3 +201,13 @@ def test_verify_command_on_the_train_model(capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "eval(): exact" in out and "train(): NOT exact" in out and "randomness" in out
+
+
+def test_condition_task_keeps_the_most_frequent_conditions(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--task", "condition", "--num-conditions", "3", "--epochs", "1", "--effective-batch", "8",
+                 "--micro-batch", "4", "--out", str(out), "--train-limit", "60", "--eval-limit", "40",
+                 "--max-length", "32"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert len(s["labels"]) == 3 and "Birth Control" in s["labels"]
+    assert s["baseline"]["kind"] == "majority class"
