@@ -77,16 +77,26 @@ def exact_lm(rank, world, wrap, per_rank_micro_batches, steps, sync_every=False)
 
 
 def uneven_windows(rank, world, windows_per_rank):
+    torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = RecordingSGD(model.parameters(), lr=0.1)
     acc = gradaccum.Accumulator(model, opt, steps=2)
-    data = [torch.randn(2, 3) for _ in range(2 * windows_per_rank[rank])]
+    g = torch.Generator().manual_seed(rank)
+    data = [(torch.randn(2, 3, generator=g), torch.randn(2, 1, generator=g)) for _ in range(2 * windows_per_rank[rank])]
     t0 = time.time()
+    last_window = None
     try:
         for window in acc.windows(data):
-            for x in window:
-                window.backward(model(x).pow(2).mean(), num_items=2)
+            w0 = [p.detach().clone() for p in model.parameters()]
+            seen = []
+            for x, y in window:
+                window.backward((model(x) - y).pow(2).mean(), num_items=2)
+                if not window._pad:
+                    seen.append((x, y))
             window.step()
+            if seen:
+                last_window = (torch.cat([s[0] for s in seen]), torch.cat([s[1] for s in seen]), w0)
     except RuntimeError as exc:
         return {"message": str(exc), "seconds": time.time() - t0, "steps": acc.state.optimizer_step}
-    return {"message": None, "seconds": time.time() - t0, "steps": acc.state.optimizer_step}
+    return {"message": None, "seconds": time.time() - t0, "steps": acc.state.optimizer_step,
+            "weight": model.module.weight.detach().clone(), "last_grads": opt.seen[-1], "last_window": last_window}

@@ -66,12 +66,12 @@ def global_sums(values: Sequence[float], device: torch.device, world_size: int) 
     return t.tolist()
 
 
-def one_hot(world_size: int, flag: bool) -> list[float]:
-    """This rank's ``flag`` at its own position, zeros elsewhere: summed over ranks, it
-    says which ranks raised it.
+def rank_vector(world_size: int, value: float) -> list[float]:
+    """``value`` at this rank's position, zeros elsewhere: summed over ranks, it gives
+    every rank's value.
 
-    >>> one_hot(1, True)
-    [1.0]
+    >>> rank_vector(1, 3.0)
+    [3.0]
     """
     rank = dist.get_rank() if world_size > 1 else 0
-    return [float(flag and r == rank) for r in range(world_size)]
+    return [float(value) if r == rank else 0.0 for r in range(world_size)]

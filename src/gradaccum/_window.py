@@ -6,6 +6,7 @@ The arithmetic lives in ``_weights``; cross-rank control lives in ``_sync``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -102,25 +103,26 @@ def _total_norm(grads: list[torch.Tensor], foreach: Optional[bool]) -> torch.Ten
 
 
 class _Lookahead:
-    """An iterator that can tell whether another item follows, by fetching it early."""
-
-    _EMPTY = object()
+    """An iterator that can tell how many items follow (up to a limit), by fetching them early."""
 
     def __init__(self, iterable: Iterable[Any]):
         self._it = iter(iterable)
-        self._next: Any = self._EMPTY
+        self._ahead: collections.deque = collections.deque()
+        self._exhausted = False
+
+    def count(self, limit: int) -> int:
+        while len(self._ahead) < limit and not self._exhausted:
+            try:
+                self._ahead.append(next(self._it))
+            except StopIteration:
+                self._exhausted = True
+        return min(len(self._ahead), limit)
 
     def has_next(self) -> bool:
-        if self._next is self._EMPTY:
-            try:
-                self._next = next(self._it)
-            except StopIteration:
-                return False
-        return True
+        return bool(self._ahead) or self.count(1) > 0
 
     def pop(self) -> Any:
-        item, self._next = self._next, self._EMPTY
-        return item
+        return self._ahead.popleft()
 
 
 class Window:
@@ -140,6 +142,8 @@ class Window:
         self._batches = batches
         self._remaining = accumulator.state.planned - accumulator.state.micro_batches
         self._last = False
+        self._pad = False  # this micro-batch stands in for one this rank does not have
+        self._pads = 0
         self.closed = False
 
     @property
@@ -149,6 +153,9 @@ class Window:
 
     def __iter__(self) -> Iterator[Any]:
         acc = self._acc
+        if acc._world > 1:
+            yield from self._iter_ranks()
+            return
         for i in range(self._remaining):
             if self.closed or not self._batches.has_next():
                 return
@@ -161,6 +168,25 @@ class Window:
                 yield batch  # nothing to enter: keep the plain path free of context overhead
                 continue
             with acc._micro_batch_context(last):
+                yield batch
+
+    def _iter_ranks(self) -> Iterator[Any]:
+        # Every rank runs the window's largest micro-batch count, agreed at the last step:
+        # a rank that has run out stands in with its last micro-batch at weight zero, so its
+        # collectives (DDP's all-reduce, FSDP2's gathers) pair with the others' and the
+        # update stays the big batch's.
+        acc = self._acc
+        target = acc._target
+        for i in range(target):
+            if self.closed:
+                return
+            if self._batches.has_next():
+                batch, self._pad = self._batches.pop(), False
+                acc._stand_in = batch
+            else:
+                batch, self._pad = acc._stand_in, True
+            self._last = i == target - 1
+            with acc._micro_batch_context(self._last):
                 yield batch
 
     def backward(self, loss: torch.Tensor, num_items: Any = None) -> None:
@@ -288,6 +314,8 @@ class Accumulator:
         self._buffers: dict[int, torch.Tensor] = {}
         self._losses: list[tuple[torch.Tensor, float]] = []
         self._parts = 1  # forward_backward's remembered split of a micro-batch
+        self._target = 0  # across ranks: micro-batches in the open window, the same on every rank
+        self._stand_in: Any = None  # across ranks: the last micro-batch, for zero-weight stand-ins
         self.state = AccumulatorState()
 
     # -- the loop ---------------------------------------------------------------------
@@ -303,9 +331,11 @@ class Accumulator:
             ...     ...
         """
         batches = _Lookahead(loader)
-        if self._world > 1 and not self._ranks_agree_on_more_data(batches.has_next(), "any"):
-            return
-        while batches.has_next():
+        if self._world > 1:
+            self._target = self._agree_on_counts(
+                _sync.global_sums(_sync.rank_vector(self._world, self._next_count(batches)), self._device, self._world)
+            )
+        while batches.has_next() if self._world == 1 else self._target > 0:
             if self.state.planned == 0:
                 self.state.planned = _weights.resolve_steps(self.steps, self.state.optimizer_step)
             window = Window(self, batches)
@@ -316,24 +346,30 @@ class Accumulator:
                     "the window's micro-batches, or its gradients would leak into the next update"
                 )
 
-    def _ranks_agree_on_more_data(self, mine: bool, when: str, sums: Optional[list[float]] = None) -> bool:
-        """Whether every rank has more micro-batches; an error naming them if only some do.
+    def _next_count(self, batches: _Lookahead) -> float:
+        """Micro-batches this rank has for the next window; -1 if none and no stand-in."""
+        st = self.state
+        planned = st.planned or _weights.resolve_steps(self.steps, st.optimizer_step)
+        n = batches.count(planned - st.micro_batches)
+        return float(n) if n or self._stand_in is not None else -1.0
 
-        Without this, a rank with an extra window would wait in its gradient all-reduce for
-        ranks that have finished, until the collective timeout.
-        """
-        flags = sums if sums is not None else _sync.global_sums(
-            _sync.one_hot(self._world, mine), self._device, self._world
-        )
-        more = [r for r, f in enumerate(flags) if f > 0]
-        if more and len(more) < self._world:
-            done = [r for r in range(self._world) if r not in more]
+    def _agree_on_counts(self, counts: list[float]) -> int:
+        """The next window's micro-batch count on every rank: the largest any rank has."""
+        target = int(max(counts))
+        missing = [r for r, c in enumerate(counts) if c < 0]
+        if target > 0 and missing:
             raise RuntimeError(
-                f"uneven data across ranks: ranks {more} have more micro-batches {when} while ranks "
-                f"{done} have none; give every rank the same number of micro-batches per epoch "
-                "(e.g. DistributedSampler, which pads, or the same number of windows per rank)"
+                f"uneven data across ranks: ranks {missing} have no micro-batch at all while others "
+                "have data; give every rank data (DistributedSampler pads so that each gets as many)"
             )
-        return bool(more)
+        short = [r for r, c in enumerate(counts) if c < target]
+        if target > 0 and short:
+            warnings.warn(
+                f"ranks {short} have fewer micro-batches than others in this window; they stand in "
+                "with zero-weight micro-batches, so the update is still the big batch's",
+                stacklevel=3,
+            )
+        return target
 
     def _micro_batch_context(self, last: bool) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
@@ -347,6 +383,9 @@ class Accumulator:
     def _backward(self, window: Window, loss: torch.Tensor, num_items: Any) -> None:
         if window.closed:
             raise RuntimeError("backward() after step(): this window is closed; use the next window")
+        if window._pad:
+            self._stand_in_backward(window, loss)
+            return
         if type(loss) is not torch.Tensor and not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
@@ -440,6 +479,15 @@ class Accumulator:
                     g.add_(p.grad)
                 p.grad = g
 
+    def _stand_in_backward(self, window: Window, loss: torch.Tensor) -> None:
+        st = self.state
+        if st.reference is None:  # the other ranks make this all-reduce in their first backward
+            st.reference = _sync.global_sums([0.0], self._device, self._world)[0] / self._world
+        (loss.reshape(()) * 0.0).backward()  # runs the collectives; adds nothing
+        if self._low:
+            self._move_to_buffers()
+        window._pads += 1
+
     def _move_to_buffers(self) -> None:
         # Summing many bf16 gradients in bf16 loses low bits at every add; the buffer keeps
         # them, and the single cast at the step rounds once.
@@ -458,11 +506,11 @@ class Accumulator:
         if window.closed:
             raise RuntimeError("step() was already called for this window; iterate the next window")
         st = self.state
-        if st.micro_batches == 0:
+        if st.micro_batches == 0 and not window._pads:
             raise RuntimeError("step() on a window with no backward(): call window.backward(loss) for its micro-batches first")
         values = [st.items, self._loss_sum(), st.micro_batches]
-        if self._world > 1:  # whether each rank has more data rides on the same all-reduce
-            values += _sync.one_hot(self._world, window._batches.has_next())
+        if self._world > 1:  # each rank's micro-batches for the next window ride along
+            values += _sync.rank_vector(self._world, self._next_count_after(window))
         sums = _sync.global_sums(values, self._device, self._world)
         items, loss_sum, micro_batches = sums[:3]
         scale = _weights.boundary_scale(items, st.reference, st.planned, self._world)
@@ -497,17 +545,22 @@ class Accumulator:
         self._losses = []
         window.closed = True
         if self._world > 1:
-            self._ranks_agree_on_more_data(False, "after this window", sums[3:])
+            self._target = self._agree_on_counts(sums[3:])
         return StepReport(
             step=st.optimizer_step,
             loss=loss_sum / items,
-            num_items=items if weighted else None,
+            num_items=items if weighted is not False else None,
             micro_batches=int(micro_batches),
             grad_norm=norm,
             skipped=skipped,
             lr=float(lr) if lr is not None else None,
             splits=splits,
         )
+
+    def _next_count_after(self, window: Window) -> float:
+        k = _weights.resolve_steps(self.steps, self.state.optimizer_step + 1)
+        n = window._batches.count(k)
+        return float(n) if n or self._stand_in is not None else -1.0
 
     def _loss_sum(self) -> float:
         """Sum of loss * items over the open window, read once (one device sync)."""
