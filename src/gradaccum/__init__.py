@@ -8,7 +8,8 @@ Example:
 from . import nn
 from ._lr import scale_lr
 from ._verify import VerifyReport, verify
-from ._window import Accumulator, AccumulatorState, StepReport, Window
+from ._state import AccumulatorState, StepReport
+from ._window import Accumulator, Window
 
 __all__ = ["Accumulator", "AccumulatorState", "StepReport", "VerifyReport", "Window", "nn", "scale_lr", "verify"]
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from .._window import StepReport
+from .._state import StepReport
 
 COLUMNS = ["step", "epoch", "loss", "grad_norm", "lr", "num_items", "micro_batches", "skipped", "seconds"]
 

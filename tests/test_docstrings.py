@@ -1,0 +1,27 @@
+"""The examples in the public docstrings run as written."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["gradaccum._weights", "gradaccum._sync", "gradaccum._split", "gradaccum._lr", "gradaccum.nn",
+           "gradaccum.recipes.config", "gradaccum.recipes.plan", "gradaccum.recipes.data"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
+
+
+def test_every_public_name_has_a_docstring_with_an_example():
+    import gradaccum
+
+    for name in gradaccum.__all__:
+        obj = getattr(gradaccum, name)
+        doc = obj.__doc__ or ""
+        assert doc.strip(), name
+        assert ">>>" in doc or name in ("nn",), f"{name} has no example"
