@@ -53,6 +53,10 @@ class AccumulatorState:
         loss_sum: sum of loss * items over the open window's micro-batches saved before
             (while running, the losses are kept as tensors and summed at the step, so that
             no micro-batch waits for the device).
+
+    Example:
+        >>> acc.state.optimizer_step, acc.state.micro_batches  # doctest: +SKIP
+        (12, 3)
     """
 
     optimizer_step: int = 0
