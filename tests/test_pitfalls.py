@@ -111,8 +111,17 @@ def test_scale_lr_bad_input():
         gradaccum.scale_lr(1e-4, 0, 64)
 
 
-def test_lr_scaling_in_the_train_config():
-    from gradaccum.recipes.config import TrainConfig
+def test_lr_scaling_in_the_train_command(tmp_path):
+    pytest.importorskip("transformers")
+    import json
 
-    cfg = TrainConfig(lr=1e-4, base_batch=16, effective_batch=64, micro_batch=8, lr_scaling="sqrt")
-    assert gradaccum.scale_lr(cfg.lr, cfg.base_batch, cfg.effective_batch, cfg.lr_scaling) == pytest.approx(2e-4)
+    from gradaccum.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--task", "lm", "--lr", "1e-4", "--base-batch", "2", "--effective-batch", "8",
+                 "--micro-batch", "4", "--lr-scaling", "sqrt", "--max-steps", "1", "--max-length", "16",
+                 "--train-limit", "8", "--eval-limit", "4", "--warmup", "0", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["lr"] == pytest.approx(2e-4)  # 1e-4 * sqrt(8 / 2)
+    first = (out / "metrics.csv").read_text().splitlines()[1].split(",")
+    assert float(first[4]) == pytest.approx(2e-4)  # the rate the first update used

@@ -270,7 +270,9 @@ class Accumulator:
         batches = _Lookahead(loader)
         if self._world > 1:
             self._target = self._agree_on_counts(
-                _sync.global_sums(_sync.rank_vector(self._world, self._next_count(batches)), self._device, self._world)
+                _sync.global_sums(_sync.rank_vector(self._world, self._count_ahead(
+                    batches, (self.state.planned or _weights.resolve_steps(self.steps, self.state.optimizer_step))
+                    - self.state.micro_batches)), self._device, self._world)
             )
         while batches.has_next() if self._world == 1 else self._target > 0:
             if self.state.planned == 0:
@@ -283,11 +285,10 @@ class Accumulator:
                     "the window's micro-batches, or its gradients would leak into the next update"
                 )
 
-    def _next_count(self, batches: _Lookahead) -> float:
-        """Micro-batches this rank has for the next window; -1 if none and no stand-in."""
-        st = self.state
-        planned = st.planned or _weights.resolve_steps(self.steps, st.optimizer_step)
-        n = batches.count(planned - st.micro_batches)
+    def _count_ahead(self, batches: _Lookahead, k: int) -> float:
+        """Micro-batches (up to k) this rank has for the next window; -1 if it has none and
+        no earlier micro-batch to stand in with."""
+        n = batches.count(k)
         return float(n) if n or self._stand_in is not None else -1.0
 
     def _agree_on_counts(self, counts: list[float]) -> int:
@@ -323,7 +324,7 @@ class Accumulator:
         if window._pad:
             self._stand_in_backward(window, loss)
             return
-        if type(loss) is not torch.Tensor and not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
                 f"loss must be a scalar tensor (the mean over the micro-batch's items); got {shape}. "
@@ -447,7 +448,9 @@ class Accumulator:
             raise RuntimeError("step() on a window with no backward(): call window.backward(loss) for its micro-batches first")
         values = [st.items, self._loss_sum(), st.micro_batches]
         if self._world > 1:  # each rank's micro-batches for the next window ride along
-            values += _sync.rank_vector(self._world, self._next_count_after(window))
+            values += _sync.rank_vector(
+                self._world, self._count_ahead(window._batches, _weights.resolve_steps(self.steps, st.optimizer_step + 1))
+            )
         sums = _sync.global_sums(values, self._device, self._world)
         items, loss_sum, micro_batches = sums[:3]
         scale = _weights.boundary_scale(items, st.reference, st.planned, self._world)
@@ -493,11 +496,6 @@ class Accumulator:
             lr=float(lr) if lr is not None else None,
             splits=splits,
         )
-
-    def _next_count_after(self, window: Window) -> float:
-        k = _weights.resolve_steps(self.steps, self.state.optimizer_step + 1)
-        n = window._batches.count(k)
-        return float(n) if n or self._stand_in is not None else -1.0
 
     def _loss_sum(self) -> float:
         """Sum of loss * items over the open window, read once (one device sync)."""
