@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
+# MindSpore needs numpy<2 and brings no torch: its tests get a venv of their own.
+MS_VENV ?= .venv-ms
+MINDSPORE ?= mindspore==2.10.0
 
-.PHONY: setup train test bench
+.PHONY: setup setup-mindspore train test test-torch test-mindspore bench
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +19,24 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
+$(MS_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(MS_VENV)
+	$(MS_VENV)/bin/python -m pip install -q "$(MINDSPORE)" "numpy<2" "pytest>=7"
+	$(MS_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+setup-mindspore: $(MS_VENV)/.installed
+
 train: setup
 	$(BIN)/gradaccum train
 
-test: setup
+test: test-torch test-mindspore
+
+test-torch: setup
 	$(BIN)/python -m pytest -q
+
+test-mindspore: setup-mindspore
+	$(MS_VENV)/bin/python -m pytest -q tests_mindspore
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py

@@ -103,3 +103,23 @@ def test_train_under_torchrun(tmp_path):
     rows = (out / "metrics.csv").read_text().splitlines()
     assert len(rows) == 4  # header + 3 steps, written once (rank 0)
     assert "x 2 rank(s)" in proc.stdout
+
+
+def test_transformers_trainer_under_torchrun_equals_one_process_big_batch(tmp_path):
+    """2 ranks x micro-batch 2 x k=3 with uneven token counts per rank == batch 12 in one process."""
+    transformers = pytest.importorskip("transformers")
+    from test_transformers import gpt2_lm, pad_collator, train, variable_length_rows
+
+    weights = tmp_path / "rank0.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = os.path.join(os.path.dirname(__file__), "hf_trainer_worker.py")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", worker, str(weights)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data, collate = variable_length_rows(36, causal=True), pad_collator(causal=True)
+    big = train(transformers.Trainer, gpt2_lm(), data, collate, tmp_path, batch=12, k=1, own_mean=True)
+    got = torch.load(weights)
+    diff = max(float((got[k] - v).abs().max()) for k, v in big.state_dict().items())
+    assert diff < 1e-5, diff

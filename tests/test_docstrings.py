@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 MODULES = ["gradaccum._weights", "gradaccum._sync", "gradaccum._split", "gradaccum._lr", "gradaccum.nn",
-           "gradaccum.recipes.config", "gradaccum.recipes.plan", "gradaccum.recipes.data"]
+           "gradaccum.recipes.config", "gradaccum.recipes.plan", "gradaccum.recipes.data", "gradaccum.transformers"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -25,3 +25,11 @@ def test_every_public_name_has_a_docstring_with_an_example():
         doc = obj.__doc__ or ""
         assert doc.strip(), name
         assert ">>>" in doc or name in ("nn",), f"{name} has no example"
+
+
+def test_transformers_public_names_have_examples():
+    pytest.importorskip("transformers")
+    import gradaccum.transformers as gt
+
+    for name in gt.__all__:
+        assert ">>>" in (getattr(gt, name).__doc__ or ""), name

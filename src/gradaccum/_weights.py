@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 StepsLike = Union[int, Callable[[int], int]]
 
@@ -83,6 +83,25 @@ def check_num_items(num_items: object) -> float:
             f"{num_items!r}. Skip a micro-batch with no items instead of backpropagating it."
         )
     return num_items
+
+
+def micro_batch_items(num_items: object, window_weighted: Optional[bool]) -> tuple[float, bool]:
+    """One micro-batch's item count, and whether it is item-weighted.
+
+    Without a count a micro-batch counts as one item; a window may not mix the two.
+
+    >>> micro_batch_items(12, None)
+    (12, True)
+    >>> micro_batch_items(None, False)
+    (1, False)
+    """
+    weighted = num_items is not None
+    if window_weighted is not None and window_weighted != weighted:
+        raise ValueError(
+            "num_items was given for some micro-batches of this window and not for others: "
+            "give it for every micro-batch (item-weighted) or for none (each weighs the same)"
+        )
+    return (check_num_items(num_items) if weighted else 1), weighted
 
 
 def provisional_weight(num_items: float, reference: float, planned: int) -> float:

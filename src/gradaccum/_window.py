@@ -333,13 +333,7 @@ class Accumulator:
         if not loss.requires_grad:
             raise ValueError("loss does not require grad: compute it from the model's output, outside torch.no_grad()")
         st = self.state
-        weighted = num_items is not None
-        if st.weighted is not None and st.weighted != weighted:
-            raise ValueError(
-                "num_items was given for some micro-batches of this window and not for others: "
-                "give it for every micro-batch (item-weighted) or for none (each weighs the same)"
-            )
-        n = _weights.check_num_items(num_items) if weighted else 1
+        n, weighted = _weights.micro_batch_items(num_items, st.weighted)
         if st.micro_batches == 0 and self._world == 1:
             # One process: the window's first micro-batch sets the scale, so a window of one
             # micro-batch is exactly the plain step and equal full windows need no rescaling.

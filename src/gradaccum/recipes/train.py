@@ -81,6 +81,8 @@ def _build(cfg: TrainConfig, num_labels: int, labels: list[str]):
     except Exception as exc:
         raise ConfigError(f"--model {model_dir}: cannot load its tokenizer ({exc})") from None
     if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise ConfigError(f"--model {model_dir}: its tokenizer has neither a padding nor an end-of-text token; add a pad_token to its tokenizer_config.json")
         tok.pad_token = tok.eos_token
     if cfg.task == "lm":
         return tok, transformers.AutoModelForCausalLM.from_pretrained(model_dir)
@@ -91,6 +93,18 @@ def _build(cfg: TrainConfig, num_labels: int, labels: list[str]):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return tok, model
+
+
+def _max_length(cfg: TrainConfig, tok: Any, model: torch.nn.Module) -> int:
+    """--max-length, capped by what the model's position embeddings and tokenizer allow."""
+    limits = [cfg.max_length]
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and value > 0:
+            limits.append(value)
+    if isinstance(getattr(tok, "model_max_length", None), int) and tok.model_max_length < 1_000_000:
+        limits.append(tok.model_max_length)
+    return min(limits)
 
 
 def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -205,8 +219,10 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
         torch.distributed.barrier()  # the other ranks read what rank 0 prepared
     ckpt_path = checkpoint.latest(out) if cfg.resume else None
 
+    max_length = _max_length(cfg, tok, model)
+
     def encode(texts: list[str]) -> list[list[int]]:
-        return tok(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
+        return tok(texts, truncation=True, max_length=max_length)["input_ids"]
 
     train = Batcher(encode(splits.train_texts), splits.train_labels, tok.pad_token_id, cfg.task)
     held = Batcher(encode(splits.eval_texts), splits.eval_labels, tok.pad_token_id, cfg.task)

@@ -1,0 +1,201 @@
+"""Hugging Face Transformers: count items like the model's loss does; exact ``Trainer`` accumulation.
+
+Why a ``Trainer`` subclass and not a callback: callbacks see events (step begin, step end)
+but never the loss, and the fix has to change what each micro-batch's loss is multiplied by
+before its backward. ``Trainer`` divides every micro-batch loss by k unless it believes the
+model already divided by the window's item count, and it believes so for any model whose
+``forward`` takes ``**kwargs`` - which a ``BertForSequenceClassification`` does while its
+loss ignores the count, so its gradient comes out k times too large. The mixin below takes
+the decision away from that guess: the model returns its own mean over its micro-batch, and
+the mixin weighs it by the micro-batch's share of the window's items, counted by
+:func:`count_items` over every micro-batch of the window (and every rank) before the first
+backward. Everything else (clipping, the optimizer, the scheduler, logging, checkpoints)
+stays the ``Trainer``'s own.
+
+Example:
+    >>> from gradaccum.transformers import Trainer  # doctest: +SKIP
+    >>> args = TrainingArguments("out", per_device_train_batch_size=4, gradient_accumulation_steps=3)  # doctest: +SKIP
+    >>> Trainer(model=model, args=args, train_dataset=train, data_collator=collator).train()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+import torch.distributed as dist
+import transformers
+
+__all__ = ["ExactAccumulationMixin", "Trainer", "count_items", "item_kind"]
+
+KINDS = ("samples", "tokens", "causal-lm")
+ItemsLike = Union[str, Callable[[Mapping[str, Any]], int], None]
+
+# Heads whose loss is a mean over samples, and heads whose loss is a mean over labelled tokens.
+_SAMPLE_HEADS = ("ForSequenceClassification", "ForMultipleChoice", "ForQuestionAnswering",
+                 "ForImageClassification", "ForAudioClassification", "ForVideoClassification")
+_TOKEN_HEADS = ("ForMaskedLM", "ForTokenClassification", "ForConditionalGeneration", "ForCTC")
+_CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")
+
+
+def item_kind(model: torch.nn.Module) -> str:
+    """How ``model``'s loss averages: ``"samples"``, ``"tokens"`` or ``"causal-lm"``.
+
+    ``"causal-lm"`` counts labels after the shift by one that the causal loss applies.
+    Raises ``ValueError`` for a model whose head says nothing about it.
+
+    Example:
+        >>> item_kind(transformers.BertForSequenceClassification(config))  # doctest: +SKIP
+        'samples'
+    """
+    while hasattr(model, "module"):  # DDP and similar wrappers
+        model = model.module
+    name = type(model).__name__
+    loss_type = getattr(model, "loss_type", None) or ""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return "tokens"  # decoder labels are aligned with the (right-shifted) decoder inputs
+    causal_names = set(getattr(transformers.models.auto.modeling_auto, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", {}).values())
+    if loss_type == "ForCausalLM" or name in causal_names or name.endswith(_CAUSAL_HEADS):
+        return "causal-lm"
+    if loss_type in _SAMPLE_HEADS or name.endswith(_SAMPLE_HEADS):
+        return "samples"
+    if loss_type in _TOKEN_HEADS or name.endswith(_TOKEN_HEADS):
+        return "tokens"
+    raise ValueError(
+        f"cannot tell what {name}'s loss averages over: pass items='samples', 'tokens' or "
+        "'causal-lm', or a function batch -> number of items"
+    )
+
+
+def count_items(batch: Mapping[str, Any], kind: str) -> int:
+    """The number of items that the model's mean loss over ``batch`` averages over.
+
+    ``"causal-lm"``: labels other than -100 after dropping each row's first position (the
+    loss predicts token t+1 from token t), or ``shift_labels`` when the collator gives them.
+    ``"tokens"``: labels other than -100. ``"samples"``: rows whose label is not -100.
+
+    Example:
+        >>> import torch
+        >>> labels = torch.tensor([[5, 6, 7, -100], [8, 9, -100, -100]])
+        >>> count_items({"labels": labels}, "causal-lm"), count_items({"labels": labels}, "tokens")
+        (3, 5)
+        >>> count_items({"labels": torch.tensor([0, 2, 1])}, "samples")
+        3
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
+    labels = batch.get("labels")
+    if kind == "causal-lm":
+        if "shift_labels" in batch:
+            return int(batch["shift_labels"].ne(-100).sum())
+        _need_labels(labels, kind)
+        return int(labels[..., 1:].ne(-100).sum())
+    if kind == "tokens":
+        _need_labels(labels, kind)
+        return int(labels.ne(-100).sum())
+    if isinstance(labels, torch.Tensor):
+        if labels.dim() == 1 and not labels.is_floating_point():
+            return int(labels.ne(-100).sum())  # cross-entropy skips -100 rows
+        return int(labels.shape[0])
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    raise ValueError("cannot count the samples of a batch with no tensors")
+
+
+def _need_labels(labels: Any, kind: str) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"counting {kind!r} items needs a 'labels' tensor in the batch; got {type(labels).__name__}")
+
+
+class ExactAccumulationMixin:
+    """Makes a ``transformers.Trainer`` (or a subclass of it) accumulate exactly.
+
+    Mix in before the trainer class: ``class MyTrainer(ExactAccumulationMixin, SFTTrainer)``.
+    The extra keyword ``items`` says how to count a micro-batch's items: ``"samples"``,
+    ``"tokens"``, ``"causal-lm"`` or a function ``batch -> int``; by default it is read
+    off the model (:func:`item_kind`).
+
+    Each window of ``gradient_accumulation_steps`` micro-batches then updates with the
+    gradient of the mean over all its items (and all ranks): the update of one batch of
+    ``per_device_train_batch_size * gradient_accumulation_steps * world_size``.
+
+    Example:
+        >>> class ExactSFT(ExactAccumulationMixin, SFTTrainer):  # doctest: +SKIP
+        ...     pass
+    """
+
+    # Our loss already carries the window's weights: Trainer must not divide it by k.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, items: ItemsLike = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not (items is None or callable(items) or items in KINDS):
+            raise ValueError(f"items must be one of {KINDS}, a function batch -> int, or None; got {items!r}")
+        self._items = items
+        self._count = self._counter()  # an unknown model fails here, before training starts
+        self._weights: dict[int, float] = {}
+        self._weight: Optional[float] = None
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, None]:
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.args.n_gpu > 1:
+            raise RuntimeError(
+                "exact accumulation needs one process per device: torch.nn.DataParallel splits each "
+                "micro-batch across GPUs behind the Trainer's back. Launch with torchrun instead."
+            )
+        counts = [self._count(b) for b in batches]
+        total, world = float(sum(counts)), 1
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Every rank must divide by the items of the whole step, not its own share.
+            world = dist.get_world_size()
+            t = torch.tensor([total], dtype=torch.float64, device=self.args.device)
+            dist.all_reduce(t)
+            total = float(t.item())
+        if total <= 0:
+            raise ValueError("a window with no items to learn from: every label of its micro-batches is -100")
+        # Micro-batch i weighs n_i / N; times the world size because DDP averages over ranks.
+        self._weights = {id(b): n * world / total for b, n in zip(batches, counts)}
+        # None: nothing downstream may normalise by a window total the model may ignore.
+        return batches, None
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        weight = self._weights.get(id(inputs))
+        if weight is None:
+            raise RuntimeError(
+                "training_step got a batch that get_batch_samples did not count: exact accumulation "
+                "needs the Trainer's own training loop (trainer.train())"
+            )
+        self._weight = weight
+        try:
+            return super().training_step(model, inputs, None)
+        finally:
+            self._weight = None
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        if self._weight is None:  # evaluation and prediction: the plain mean
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
+        loss, outputs = result if return_outputs else (result, None)
+        loss = loss * self._weight  # this micro-batch's share of the window's mean
+        return (loss, outputs) if return_outputs else loss
+
+    def _counter(self) -> Callable[[Mapping[str, Any]], int]:
+        if callable(self._items):
+            return self._items
+        kind = self._items or item_kind(self.model)
+        return lambda batch: count_items(batch, kind)
+
+
+class Trainer(ExactAccumulationMixin, transformers.Trainer):
+    """``transformers.Trainer`` whose ``gradient_accumulation_steps`` give the big batch's update.
+
+    Takes the ``Trainer``'s arguments, plus ``items`` (see :class:`ExactAccumulationMixin`).
+
+    Example:
+        >>> from gradaccum.transformers import Trainer  # doctest: +SKIP
+        >>> trainer = Trainer(model=model, args=args, train_dataset=train, items="samples")  # doctest: +SKIP
+        >>> trainer.train()  # doctest: +SKIP
+    """

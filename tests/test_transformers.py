@@ -1,0 +1,191 @@
+"""gradaccum.transformers: Trainer with exact accumulation against Trainer with the big batch.
+
+The reference is the stock ``transformers.Trainer`` at batch 12 with no accumulation; the run
+under test is the same model, data and seed at micro-batch 4 and k=3. Dropout is off so the
+two runs differ only in how the gradient of each step is put together.
+
+The reference Trainer is told that the model does not take ``num_items_in_batch``, so it
+uses the model's own mean over its batch of 12. Left to itself, Trainer passes GPT-2 a
+count that ignores the causal shift (``GPT2LMHeadModel.loss_type`` is None, so Trainer's
+shift rule does not apply): 217 labels for 205 predictions in the first batch here, and a
+loss 205/217 of the mean even without accumulation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from gradaccum.transformers import Trainer, count_items, item_kind  # noqa: E402
+
+VOCAB = 60
+
+
+def bert_classifier(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def gpt2_lm(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def variable_length_rows(n: int, causal: bool, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = int(torch.randint(3, 30, (1,), generator=g))  # very uneven lengths
+        ids = torch.randint(2, VOCAB, (length,), generator=g).tolist()
+        label = ids if causal else int(torch.randint(0, 3, (1,), generator=g))
+        rows.append({"input_ids": ids, "labels": label})
+    return Rows(rows)
+
+
+def pad_collator(causal: bool):
+    def collate(rows):
+        width = max(len(r["input_ids"]) for r in rows)  # dynamic padding: each micro-batch its own width
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100) if causal else torch.tensor([r["labels"] for r in rows])
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            mask[i, :n] = 1
+            if causal:
+                labels[i, :n] = torch.tensor(r["labels"])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return collate
+
+
+def train(trainer_cls, model, data, collate, tmp_path, batch, k, max_grad_norm=1.0, own_mean=False):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / f"{trainer_cls.__module__}-{batch}x{k}"), per_device_train_batch_size=batch,
+        gradient_accumulation_steps=k, num_train_epochs=1, learning_rate=5e-3, max_grad_norm=max_grad_norm,
+        seed=7, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    trainer = trainer_cls(model=model, args=args, train_dataset=data, data_collator=collate)
+    if own_mean:
+        trainer.model_accepts_loss_kwargs = False  # the model's own mean loss (see the module docstring)
+    trainer.train()
+    return model
+
+
+@torch.no_grad()
+def max_diff(a, b) -> float:
+    return max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+
+
+moved = max_diff
+
+
+@pytest.mark.parametrize("n", [36, 30])  # 30: the epoch ends on a window of 2 micro-batches (4 + 2 rows)
+def test_bert_classifier_accumulated_equals_the_big_batch(tmp_path, n):
+    data, collate = variable_length_rows(n, causal=False), pad_collator(causal=False)
+    start = bert_classifier()
+    big = train(transformers.Trainer, bert_classifier(), data, collate, tmp_path, batch=12, k=1, own_mean=True)
+    exact = train(Trainer, bert_classifier(), data, collate, tmp_path, batch=4, k=3)
+    stock = train(transformers.Trainer, bert_classifier(), data, collate, tmp_path, batch=4, k=3)
+    step = moved(big, start)
+    assert step > 1e-3  # the runs moved, so equality below means something
+    assert max_diff(exact, big) < 1e-5 * step / 1e-3, max_diff(exact, big)
+    # Trainer's own accumulation gives this model k times the gradient: the check can fail.
+    assert max_diff(stock, big) > 20 * max_diff(exact, big)
+
+
+def test_gpt2_variable_length_accumulated_equals_the_big_batch(tmp_path):
+    data, collate = variable_length_rows(36, causal=True), pad_collator(causal=True)
+    start = gpt2_lm()
+    big = train(transformers.Trainer, gpt2_lm(), data, collate, tmp_path, batch=12, k=1, own_mean=True)
+    exact = train(Trainer, gpt2_lm(), data, collate, tmp_path, batch=4, k=3)
+    assert moved(big, start) > 1e-3
+    assert max_diff(exact, big) < 1e-5, max_diff(exact, big)
+    # Stock Trainer at batch 12 scales each step by (predictions / labels): the check can fail.
+    miscounted = train(transformers.Trainer, gpt2_lm(), data, collate, tmp_path, batch=12, k=1)
+    assert max_diff(miscounted, big) > 10 * max_diff(exact, big)
+
+
+def test_gpt2_per_micro_batch_mean_would_fail(tmp_path):
+    """Dividing each micro-batch's mean by k (the seeds' loop) is visibly off on these lengths."""
+    data, collate = variable_length_rows(12, causal=True), pad_collator(causal=True)
+    model = gpt2_lm()
+    batches = [collate([data[i] for i in range(j, j + 4)]) for j in (0, 4, 8)]
+    model.zero_grad()
+    model(**collate([data[i] for i in range(12)])).loss.backward()
+    ref = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad()
+    for b in batches:
+        (model(**b).loss / 3).backward()
+    naive = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad()
+    total = sum(count_items(b, "causal-lm") for b in batches)
+    for b in batches:
+        (model(**b).loss * count_items(b, "causal-lm") / total).backward()
+    exact = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert (naive - ref).norm() / ref.norm() > 0.02
+    assert (exact - ref).norm() / ref.norm() < 1e-5
+
+
+def test_count_items_follows_each_loss():
+    labels = torch.tensor([[5, 6, 7, -100], [8, -100, -100, -100]])
+    assert count_items({"labels": labels}, "causal-lm") == 2  # row 2 has nothing after its first token
+    assert count_items({"labels": labels, "shift_labels": labels}, "causal-lm") == 4
+    assert count_items({"labels": labels}, "tokens") == 4
+    assert count_items({"labels": torch.tensor([1, -100, 0])}, "samples") == 2
+    assert count_items({"labels": torch.rand(5, 3)}, "samples") == 5  # multi-label: rows
+    assert count_items({"input_ids": torch.zeros(6, 2)}, "samples") == 6
+    with pytest.raises(ValueError, match="kind"):
+        count_items({"labels": labels}, "words")
+    with pytest.raises(ValueError, match="labels"):
+        count_items({"input_ids": labels}, "tokens")
+
+
+@torch.no_grad()
+def test_count_items_agrees_with_the_models_own_loss():
+    """The count is the denominator the model uses: its mean times the count is the sum."""
+    data, collate = variable_length_rows(5, causal=True), pad_collator(causal=True)
+    batch = collate([data[i] for i in range(5)])
+    model = gpt2_lm()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1),
+                                            ignore_index=-100, reduction="sum")
+    mean = model(**batch).loss.double()
+    assert float(mean * count_items(batch, "causal-lm")) == pytest.approx(float(nll), rel=1e-5)
+
+
+def test_item_kind_reads_the_head():
+    assert item_kind(bert_classifier()) == "samples"
+    assert item_kind(gpt2_lm()) == "causal-lm"
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=16)
+    assert item_kind(transformers.BertForMaskedLM(cfg)) == "tokens"
+    assert item_kind(transformers.BertForTokenClassification(cfg)) == "tokens"
+    with pytest.raises(ValueError, match="items="):
+        item_kind(torch.nn.Linear(2, 2))
+
+
+def test_bad_items_fail_before_training(tmp_path):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="items must be"):
+        Trainer(model=bert_classifier(), args=args, items="words")
+    with pytest.raises(ValueError, match="items="):
+        Trainer(model=transformers.BertModel(bert_classifier().config), args=args)
