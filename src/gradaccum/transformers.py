@@ -130,6 +130,12 @@ class ExactAccumulationMixin:
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args: Any, items: ItemsLike = None, **kwargs: Any) -> None:
+        if not hasattr(transformers.Trainer, "loss_is_scaled_for_ga"):
+            # Older Trainers divide the loss by k behind our back; we would rather refuse than be wrong.
+            raise ImportError(
+                f"gradaccum.transformers needs a transformers whose Trainer has loss_is_scaled_for_ga "
+                f"(5.19 or newer; tested with 5.23); this one is {transformers.__version__}: pip install -U transformers"
+            )
         super().__init__(*args, **kwargs)
         if not (items is None or callable(items) or items in KINDS):
             raise ValueError(f"items must be one of {KINDS}, a function batch -> int, or None; got {items!r}")
