@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 import traceback
@@ -36,6 +37,10 @@ def _entry(rank, world, store, results, fn, args):
     except Exception as exc:  # report it to the test instead of hanging the other rank
         out = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
     torch.save(out, f"{results}.{rank}")
+    # Tear down together: a rank that destroys its group while the other still has gloo
+    # work (or a DDP reducer) alive can abort the process at exit.
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -21,3 +21,5 @@ if __name__ == "__main__":
     model = train(Trainer, gpt2_lm(), data, collate, out.parent, batch=2, k=3)
     if torch.distributed.get_rank() == 0:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
+    torch.distributed.barrier()  # tear down together (see dist_workers._entry)
+    torch.distributed.destroy_process_group()
