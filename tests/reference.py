@@ -33,6 +33,16 @@ def make_sequences(n: int, seed: int = 0, lo: int = 2, hi: int = 24) -> list[tor
     return [torch.randint(0, VOCAB, (int(L),), generator=g) for L in lengths]
 
 
+def micro_batches(sizes: list[int], seed: int) -> list[list[torch.Tensor]]:
+    """Variable-length sequences grouped into micro-batches of the given sizes."""
+    seqs = make_sequences(sum(sizes), seed=seed)
+    out, i = [], 0
+    for s in sizes:
+        out.append(seqs[i : i + s])
+        i += s
+    return out
+
+
 def pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), T, dtype=torch.long)

@@ -11,18 +11,9 @@ import pytest
 import torch
 
 import dist_workers
-from reference import TinyLM, big_batch_lm_grads, make_sequences, rel_error  # noqa: F401
+from reference import TinyLM, big_batch_lm_grads, make_sequences, micro_batches, rel_error  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
-
-
-def micro_batches(sizes, seed):
-    seqs = make_sequences(sum(sizes), seed=seed)
-    out, i = [], 0
-    for s in sizes:
-        out.append(seqs[i : i + s])
-        i += s
-    return out
 
 
 @pytest.mark.parametrize(

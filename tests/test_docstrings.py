@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 MODULES = ["gradaccum._weights", "gradaccum._sync", "gradaccum._split", "gradaccum._lr", "gradaccum.nn",
-           "gradaccum.recipes.config", "gradaccum.recipes.plan", "gradaccum.recipes.data", "gradaccum.transformers"]
+           "gradaccum.recipes.config", "gradaccum.recipes.plan", "gradaccum.recipes.data", "gradaccum.transformers", "gradaccum._compact"]
 
 
 @pytest.mark.parametrize("name", MODULES)

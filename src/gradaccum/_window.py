@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _split, _sync, _weights
 from ._state import AccumulatorState, StepReport
+from ._compact import CompactRows, embedding_weights
 from .nn import WindowBatchNorm
 
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -138,6 +139,8 @@ class Window:
             >>> window.backward(out.loss, num_items=int((labels != -100).sum()))  # doctest: +SKIP
         """
         self._acc._backward(self, loss, num_items)
+        if self._acc._compact is not None and not self._last:
+            self._acc._compact.compact()
 
     def forward_backward(self, batch: Any, loss_fn: Callable[[Any], tuple[torch.Tensor, Any]]) -> None:
         """Run ``loss_fn(batch) -> (mean loss, num_items)`` and its backward, surviving
@@ -151,6 +154,8 @@ class Window:
             >>> window.forward_backward(batch, loss_fn)  # doctest: +SKIP
         """
         self._acc._forward_backward(self, batch, loss_fn)
+        if self._acc._compact is not None and not self._last:
+            self._acc._compact.compact()
 
     def step(self) -> StepReport:
         """Close the window: rescale, unscale, clip, update, step the scheduler, zero grads.
@@ -177,6 +182,10 @@ class Accumulator:
         sync_every_micro_batch: reduce gradients across ranks after every micro-batch
             instead of once per window. For FSDP2 models too large to hold a full
             unsharded gradient between micro-batches: less memory, k times the traffic.
+        compact_embedding_grads: between micro-batches, hold the gradients of
+            ``nn.Embedding`` weights as their touched rows instead of dense matrices, so
+            they are not in memory during the next forward (one process only; their
+            ``.grad`` reads None until the window's last micro-batch). Exact to the bit.
 
     Example:
         >>> acc = Accumulator(model, optimizer, steps=4)  # doctest: +SKIP
@@ -198,6 +207,7 @@ class Accumulator:
         precision: str = "fp32",
         accum_dtype: Optional[torch.dtype] = None,
         sync_every_micro_batch: bool = False,
+        compact_embedding_grads: bool = False,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -239,6 +249,15 @@ class Accumulator:
                 "accum_dtype with a DDP/FSDP model is not supported: DDP would reduce only the "
                 "last micro-batch. Use FSDP2's MixedPrecisionPolicy(reduce_dtype=...) instead."
             )
+        self._compact: Optional[CompactRows] = None
+        if compact_embedding_grads:
+            if self._world > 1:
+                raise NotImplementedError(
+                    "compact_embedding_grads is for one process: DDP/FSDP reduce .grad in the last "
+                    "backward, before held rows could join it"
+                )
+            mine = {id(p) for i, p in enumerate(self._params) if i not in self._low}
+            self._compact = CompactRows(p for p in embedding_weights(model) if id(p) in mine)
         self._window_norms = [m for m in model.modules() if isinstance(m, WindowBatchNorm)]
         plain_bn = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and not isinstance(m, WindowBatchNorm)]
         if plain_bn:
@@ -440,6 +459,8 @@ class Accumulator:
         st = self.state
         if st.micro_batches == 0 and not window._pads:
             raise RuntimeError("step() on a window with no backward(): call window.backward(loss) for its micro-batches first")
+        if self._compact is not None:
+            self._compact.restore()
         values = [st.items, self._loss_sum(), st.micro_batches]
         if self._world > 1:  # each rank's micro-batches for the next window ride along
             values += _sync.rank_vector(
@@ -522,6 +543,8 @@ class Accumulator:
         Example:
             >>> torch.save(acc.state_dict(), "acc.pt")  # doctest: +SKIP
         """
+        if self._compact is not None:
+            self._compact.restore()  # the saved gradients are dense
         state = dataclasses.asdict(self.state)
         state["loss_sum"] = self._loss_sum()
         out: dict[str, Any] = {"state": state, "grads": {}}
@@ -549,6 +572,8 @@ class Accumulator:
             raise ValueError("the saved gradients do not match this optimizer's parameters")
         self.state = AccumulatorState(**state_dict["state"])
         self._buffers, self._losses = {}, []
+        if self._compact is not None:
+            self._compact.clear()
         for p in self._params:
             p.grad = None
         for i, g in grads.items():
