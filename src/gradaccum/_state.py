@@ -50,9 +50,9 @@ class AccumulatorState:
             the window's first micro-batch in one process; across ranks a shared value
             carried from window to window.
         splits: out-of-memory splits in the open window (see ``Window.forward_backward``).
-        loss_sum: sum of loss * items over the open window's micro-batches saved before
-            (while running, the losses are kept as tensors and summed at the step, so that
-            no micro-batch waits for the device).
+        loss_sum: sum of loss * items over the open window's micro-batches (on an
+            accelerator the running window's losses are kept as tensors and read at the
+            step, so that no micro-batch waits for the device).
 
     Example:
         >>> acc.state.optimizer_step, acc.state.micro_batches  # doctest: +SKIP

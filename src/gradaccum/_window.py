@@ -25,15 +25,12 @@ from .nn import WindowBatchNorm
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _total_norm(grads: list[torch.Tensor], foreach: Optional[bool]) -> torch.Tensor:
-    """Total 2-norm; one fused call when all gradients share a device and dtype (the
-    common case), skipping the regrouping that ``get_total_norm`` does in Python."""
+def _total_norm(grads: list[torch.Tensor], uniform: bool, foreach: Optional[bool]) -> torch.Tensor:
+    """Total 2-norm; one fused call when all gradients share a device and dtype (``uniform``,
+    known from the parameters once), skipping the regrouping ``get_total_norm`` does in Python."""
     if not grads:
         return torch.zeros(())
-    first = grads[0]
-    if foreach and type(first) is torch.Tensor and all(
-        type(g) is torch.Tensor and g.device == first.device and g.dtype == first.dtype for g in grads
-    ):
+    if uniform:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     norm = torch.nn.utils.get_total_norm(grads, foreach=foreach)
     # FSDP2's sharded gradients give a DTensor norm: the full value needs the shards' sum.
@@ -57,7 +54,16 @@ class _Lookahead:
         return min(len(self._ahead), limit)
 
     def has_next(self) -> bool:
-        return bool(self._ahead) or self.count(1) > 0
+        if self._ahead:
+            return True
+        if self._exhausted:
+            return False
+        try:  # count(1) inlined: this runs twice per micro-batch
+            self._ahead.append(next(self._it))
+        except StopIteration:
+            self._exhausted = True
+            return False
+        return True
 
     def pop(self) -> Any:
         return self._ahead.popleft()
@@ -94,15 +100,17 @@ class Window:
         if acc._world > 1:
             yield from self._iter_ranks()
             return
+        batches, final = self._batches, self._remaining - 1
+        bare = acc._autocast is None and not acc._sync_control
         for i in range(self._remaining):
-            if self.closed or not self._batches.has_next():
+            if self.closed or not batches.has_next():
                 return
-            batch = self._batches.pop()
+            batch = batches.pop()
             # The last micro-batch is the one whose backward may synchronise across ranks;
             # in a partial window only a look at the next batch tells which one that is.
-            last = i == self._remaining - 1 or not self._batches.has_next()
+            last = i == final or not batches.has_next()
             self._last = last
-            if acc._autocast is None and (last or not acc._sync_control):
+            if bare or (last and acc._autocast is None):
                 yield batch  # nothing to enter: keep the plain path free of context overhead
                 continue
             with acc._micro_batch_context(last):
@@ -234,6 +242,10 @@ class Accumulator:
         self._world = _sync.data_parallel_world_size(model)
         # The fused per-list kernels also run on the CPU, where torch's default loops in Python.
         self._foreach = all(p.device.type in ("cpu", "cuda") for p in self._params) or None
+        # Gradients share their parameters' device and dtype: check once, not every step.
+        kinds = {(type(p) in (torch.nn.Parameter, torch.Tensor), p.device, p.dtype) for p in self._params}
+        self._uniform = bool(self._foreach) and len(kinds) == 1 and next(iter(kinds))[0]
+        self._cpu = self._device.type == "cpu"
         self._sync_control = not sync_every_micro_batch and (
             hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync")
         )
@@ -270,6 +282,8 @@ class Accumulator:
         self._buffers: dict[int, torch.Tensor] = {}
         self._losses: list[tuple[torch.Tensor, float]] = []
         self._parts = 1  # forward_backward's remembered split of a micro-batch
+        self._last_seed: Optional[torch.Tensor] = None
+        self._last_weight = 0.0
         self._target = 0  # across ranks: micro-batches in the open window, the same on every rank
         self._stand_in: Any = None  # across ranks: the last micro-batch, for zero-weight stand-ins
         self.state = AccumulatorState()
@@ -352,7 +366,10 @@ class Accumulator:
         if not loss.requires_grad:
             raise ValueError("loss does not require grad: compute it from the model's output, outside torch.no_grad()")
         st = self.state
-        n, weighted = _weights.micro_batch_items(num_items, st.weighted)
+        if type(num_items) is int and num_items > 0 and st.weighted is not False:
+            n, weighted = num_items, True  # the common case, without two calls per micro-batch
+        else:
+            n, weighted = _weights.micro_batch_items(num_items, st.weighted)
         if st.micro_batches == 0 and self._world == 1:
             # One process: the window's first micro-batch sets the scale, so a window of one
             # micro-batch is exactly the plain step and equal full windows need no rescaling.
@@ -366,16 +383,29 @@ class Accumulator:
         # (the mean of means is not the mean), and the boundary scale D/N makes it a mean.
         if loss.dim():
             loss = loss.reshape(())
-        scaled = loss * weight
         if self.scaler is not None:
-            scaled = self.scaler.scale(scaled)
-        scaled.backward()
+            self.scaler.scale(loss * weight).backward()
+        else:
+            # Seeding backward with the weight is d(loss * weight)/d(loss) without a multiply
+            # node in the graph or the ones_like that a bare backward() makes.
+            loss.backward(self._seed(weight, loss))
         if self._low:
             self._move_to_buffers()
         st.weighted = weighted
         st.micro_batches += 1
         st.items += n
-        self._losses.append((loss.detach(), n))  # summed at the step: no per-micro-batch work
+        if self._cpu:
+            st.loss_sum += loss.item() * n  # no device to wait for: no tensors to keep
+        else:
+            self._losses.append((loss.detach(), n))  # read at the step: one device sync per window
+
+    def _seed(self, weight: float, loss: torch.Tensor) -> torch.Tensor:
+        """The weight as a tensor like ``loss``; kept while it repeats (equal micro-batches)."""
+        seed = self._last_seed
+        if seed is None or self._last_weight != weight or seed.dtype != loss.dtype or seed.device != loss.device:
+            seed = self._last_seed = torch.full((), weight, dtype=loss.dtype, device=loss.device)
+            self._last_weight = weight
+        return seed
 
     def _forward_backward(self, window: Window, batch: Any, loss_fn: Callable[[Any], tuple[torch.Tensor, Any]]) -> None:
         done_before = self.state.micro_batches
@@ -466,14 +496,14 @@ class Accumulator:
             values += _sync.rank_vector(
                 self._world, self._count_ahead(window._batches, _weights.resolve_steps(self.steps, st.optimizer_step + 1))
             )
-        sums = _sync.global_sums(values, self._device, self._world)
+        sums = _sync.global_sums(values, self._device, self._world) if self._world > 1 else values
         items, loss_sum, micro_batches = sums[:3]
         scale = _weights.boundary_scale(items, st.reference, st.planned, self._world)
         grads = self._finish_grads(scale)
         if self.scaler is not None:
             # Unscale before measuring or clipping: the clip threshold is for true gradients.
             self.scaler.unscale_(self.optimizer)
-        norm_t = _total_norm(grads, self._foreach)
+        norm_t = _total_norm(grads, self._uniform, self._foreach)
         norm = float(norm_t)
         skipped = not math.isfinite(norm)
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
@@ -515,11 +545,8 @@ class Accumulator:
     def _loss_sum(self) -> float:
         """Sum of loss * items over the open window, read once (one device sync)."""
         total = float(self.state.loss_sum)
-        if self._losses:
-            if self._device.type == "cpu":
-                values = [float(loss) for loss, _ in self._losses]
-            else:  # one device synchronisation, not one per micro-batch
-                values = torch.stack([loss for loss, _ in self._losses]).tolist()
+        if self._losses:  # one device synchronisation, not one per micro-batch
+            values = torch.stack([loss for loss, _ in self._losses]).tolist()
             total += sum(v * n for v, (_, n) in zip(values, self._losses))
         return total
 
