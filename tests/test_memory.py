@@ -106,6 +106,17 @@ def test_split_batch_handles_dicts_and_tuples():
     assert torch.equal(parts[1]["meta"][0], torch.tensor([3, 4])) and parts[1]["meta"][1] == "x"
 
 
+def test_split_batch_keeps_a_batch_encoding():
+    transformers = pytest.importorskip("transformers")
+    from gradaccum._split import split_batch
+
+    enc = transformers.BatchEncoding({"input_ids": torch.arange(12).view(3, 4), "attention_mask": torch.ones(3, 4)})
+    parts = split_batch(enc, 2)
+    assert all(type(p) is transformers.BatchEncoding for p in parts)
+    assert torch.equal(parts[0]["input_ids"], enc["input_ids"][:2]) and parts[1].input_ids.shape == (1, 4)
+    assert parts[1].to("cpu")["attention_mask"].shape == (1, 4)  # still a BatchEncoding's API
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigint_checkpoints_mid_window_and_resume_gives_the_same_weights(tmp_path):
     pytest.importorskip("transformers")
