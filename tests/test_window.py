@@ -160,6 +160,27 @@ def test_steps_1_is_the_plain_loop():
         assert torch.equal(a, b)
 
 
+class MarkedLoss(torch.Tensor):
+    """A tensor subclass, as a DTensor loss would be: it takes the engine's other backward path."""
+
+
+def test_a_tensor_subclass_loss_gets_the_same_big_batch_gradient():
+    torch.manual_seed(3)
+    model = TinyLM()
+    opt = RecordingSGD(model.parameters(), lr=0.1)
+    mbs = chunks(make_sequences(9, seed=3), [2, 4, 3])
+    acc = gradaccum.Accumulator(model, opt, steps=3)
+    for window in acc.windows(mbs):
+        seen = []
+        for seqs in window:
+            seen.append(seqs)
+            loss, n = lm_mean_loss(model, seqs)
+            window.backward(loss.as_subclass(MarkedLoss), num_items=n)
+        want = big_batch_lm_grads(model, seen)
+        window.step()
+    assert rel_error(opt.seen[0], want) < 1e-5
+
+
 def test_nan_window_is_skipped_and_training_continues():
     torch.manual_seed(7)
     model = TinyLM()

@@ -385,6 +385,8 @@ class Accumulator:
             loss = loss.reshape(())
         if self.scaler is not None:
             self.scaler.scale(loss * weight).backward()
+        elif type(loss) is not torch.Tensor:  # a tensor subclass (DTensor) wants its own kind of seed
+            (loss * weight).backward()
         else:
             # Seeding backward with the weight is d(loss * weight)/d(loss) without a multiply
             # node in the graph or the ones_like that a bare backward() makes.
