@@ -52,7 +52,7 @@ def transformer_case():
     return Small(), data, loss, lambda ids: ids[:, 1:].numel()
 
 
-def plain_stepper(model, opt, data, loss_fn, count, k):
+def plain_stepper(model, opt, data, loss_fn, k):
     stream = itertools.cycle(data)
 
     def step():  # the seeds' loop: loss / k, backward, step after k micro-batches
@@ -82,7 +82,7 @@ def measure(name, case, k, steps, repeats):
     so that the machine's drift hits both alike; a block of ``steps`` steps gives a ratio."""
     model, data, loss_fn, count = case()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    plain = plain_stepper(model, opt, data, loss_fn, count, k)
+    plain = plain_stepper(model, opt, data, loss_fn, k)
     ours = gradaccum_stepper(model, opt, data, loss_fn, count, k)
     for _ in range(5):  # warm-up
         plain()

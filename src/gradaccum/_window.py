@@ -45,25 +45,21 @@ class _Lookahead:
         self._ahead: collections.deque = collections.deque()
         self._exhausted = False
 
-    def count(self, limit: int) -> int:
-        while len(self._ahead) < limit and not self._exhausted:
-            try:
-                self._ahead.append(next(self._it))
-            except StopIteration:
-                self._exhausted = True
-        return min(len(self._ahead), limit)
-
-    def has_next(self) -> bool:
-        if self._ahead:
-            return True
-        if self._exhausted:
-            return False
-        try:  # count(1) inlined: this runs twice per micro-batch
+    def _fetch(self) -> bool:
+        try:
             self._ahead.append(next(self._it))
         except StopIteration:
             self._exhausted = True
             return False
         return True
+
+    def count(self, limit: int) -> int:
+        while len(self._ahead) < limit and not self._exhausted and self._fetch():
+            pass
+        return min(len(self._ahead), limit)
+
+    def has_next(self) -> bool:  # runs twice per micro-batch: no loop
+        return bool(self._ahead) or (not self._exhausted and self._fetch())
 
     def pop(self) -> Any:
         return self._ahead.popleft()
@@ -366,10 +362,7 @@ class Accumulator:
         if not loss.requires_grad:
             raise ValueError("loss does not require grad: compute it from the model's output, outside torch.no_grad()")
         st = self.state
-        if type(num_items) is int and num_items > 0 and st.weighted is not False:
-            n, weighted = num_items, True  # the common case, without two calls per micro-batch
-        else:
-            n, weighted = _weights.micro_batch_items(num_items, st.weighted)
+        n, weighted = _weights.micro_batch_items(num_items, st.weighted)
         if st.micro_batches == 0 and self._world == 1:
             # One process: the window's first micro-batch sets the scale, so a window of one
             # micro-batch is exactly the plain step and equal full windows need no rescaling.
@@ -498,7 +491,7 @@ class Accumulator:
             values += _sync.rank_vector(
                 self._world, self._count_ahead(window._batches, _weights.resolve_steps(self.steps, st.optimizer_step + 1))
             )
-        sums = _sync.global_sums(values, self._device, self._world) if self._world > 1 else values
+        sums = _sync.global_sums(values, self._device, self._world)
         items, loss_sum, micro_batches = sums[:3]
         scale = _weights.boundary_scale(items, st.reference, st.planned, self._world)
         grads = self._finish_grads(scale)
