@@ -71,7 +71,7 @@ def gradaccum_loop(rank, steps):
         small.append(tensor.numel() * tensor.element_size())
         return real_all_reduce(tensor, *a, **kw)
 
-    import gradaccum._sync as sync
+    import gradaccum.engine.parallel as sync
 
     sync.dist.all_reduce = counting_all_reduce
     try:

@@ -96,7 +96,7 @@ def uneven_windows(rank, world, windows_per_rank):
             seen = []
             for x, y in window:
                 window.backward((model(x) - y).pow(2).mean(), num_items=2)
-                if not window._pad:
+                if not window.is_stand_in:
                     seen.append((x, y))
             window.step()
             if seen:

@@ -59,8 +59,10 @@ def test_fp16_grad_scaler_unscales_before_clipping_and_matches_the_big_batch():
     mbs = [make_sequences(n, seed=10 + n) for n in (3, 1, 4)]
     for window in acc.windows(mbs):
         for seqs in window:
-            loss, n = lm_mean_loss(model, seqs)
-            assert torch.is_autocast_enabled("cpu")
+            assert not torch.is_autocast_enabled("cpu"), "autocast only around the forward"
+            with window.autocast():
+                assert torch.is_autocast_enabled("cpu")
+                loss, n = lm_mean_loss(model, seqs)
             window.backward(loss, num_items=n)
         want = big_batch_lm_grads(model, mbs)
         report = window.step()
@@ -83,7 +85,8 @@ def test_fp16_overflow_skips_the_update_and_backs_the_scale_off():
     reports = []
     for i, window in enumerate(acc.windows(mbs)):
         for seqs in window:
-            loss, n = lm_mean_loss(model, seqs)
+            with window.autocast():
+                loss, n = lm_mean_loss(model, seqs)
             window.backward(loss * (1e6 if i == 0 else 1.0), num_items=n)
         if i == 0:
             reports.append(window.step())
@@ -105,8 +108,9 @@ def test_bf16_autocast_variable_lengths_close_to_the_float64_big_batch():
     mbs = [make_sequences(n, seed=20 + n, lo=2, hi=40) for n in (1, 5, 3, 7)]
     for window in acc.windows(mbs):
         for seqs in window:
-            assert torch.get_autocast_dtype("cpu") == torch.bfloat16
-            loss, n = lm_mean_loss(model, seqs)
+            with window.autocast():
+                assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+                loss, n = lm_mean_loss(model, seqs)
             window.backward(loss, num_items=n)
         window.step()
     assert not torch.is_autocast_enabled("cpu"), "autocast must not leak out of the window"

@@ -18,10 +18,10 @@ if TYPE_CHECKING:
     from ._lr import scale_lr
     from ._state import AccumulatorState, StepReport
     from ._verify import VerifyReport, verify
-    from ._window import Accumulator, Window
+    from .engine import Accumulator, Window
 
 _WHERE = {
-    "Accumulator": "._window", "Window": "._window",
+    "Accumulator": ".engine", "Window": ".engine",
     "AccumulatorState": "._state", "StepReport": "._state",
     "VerifyReport": "._verify", "verify": "._verify",
     "scale_lr": "._lr", "nn": None,

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from ._split import batch_size, split_batch
-from ._window import Accumulator
+from .engine import Accumulator
 
 
 @dataclasses.dataclass

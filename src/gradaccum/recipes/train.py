@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .._lr import scale_lr
-from .._window import Accumulator
+from ..engine import Accumulator
 from . import assets, checkpoint, report
 from .config import ConfigError, TrainConfig, check_model_dir
 from .data import Batcher, count_items, count_windows, load_splits, majority_baseline, resolve_device, unigram_loss

@@ -1,0 +1,414 @@
+"""``Accumulator`` and ``Window``: the public loop, thin; the parts do the work.
+
+Parts, each chosen once at construction: a data-parallel adapter (``parallel``), gradient
+stores (``grads``), counters (``counts``), the window planner (``plan``) and the step
+(``step``). The CLI, the distributed path and the integrations all go through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+
+from .. import _split, _weights
+from . import parallel as _parallel
+from . import step as _step
+from .build import Parts, build_parts
+from .plan import Lookahead, Planner, agree
+from .retry import forward_backward_with_retry
+from .._state import AccumulatorState, StepReport
+
+
+class Window:
+    """One optimizer step's worth of micro-batches; made by :meth:`Accumulator.windows`.
+
+    Iterate it once for the micro-batches, call :meth:`backward` (or
+    :meth:`forward_backward`) for each, then :meth:`step`. Under DDP/FSDP2 a rank that has
+    run out of micro-batches repeats its last one at weight zero so that its collectives
+    pair with the other ranks'; :attr:`is_stand_in` tells when the current one is such.
+
+    Example:
+        >>> for window in acc.windows(loader):  # doctest: +SKIP
+        ...     for x, y in window:
+        ...         with window.autocast():
+        ...             loss = loss_fn(model(x), y)
+        ...         window.backward(loss, num_items=len(y))
+        ...     report = window.step()
+    """
+
+    def __init__(self, accumulator: "Accumulator", count: int):
+        self._acc = accumulator
+        self._count = count  # micro-batches this window hands out (stand-ins included)
+        self._iterated = False
+        self._last = False
+        self.is_stand_in = False
+        self.stand_ins = 0
+        self.explicit_reduce = accumulator.explicit_reduce
+        self.finished: Optional[StepReport] = None
+        self.closed = False
+        self.scaled = False
+        self.next_counts: list[float] = []
+        self.items_per_micro_batch: Optional[float] = None
+
+    @property
+    def planned(self) -> int:
+        """Micro-batches planned for this window (the last window may get fewer)."""
+        return self._acc.state.planned
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._iterated:
+            raise RuntimeError(
+                "this window was already iterated: a window yields its micro-batches once; iterating it "
+                "again would take the next window's micro-batches. Use the next window from acc.windows()"
+            )
+        self._iterated = True
+        return self._micro_batches()
+
+    def _micro_batches(self) -> Iterator[Any]:
+        acc = self._acc
+        for i in range(self._count):
+            if self.closed or self.finished is not None:
+                return
+            acc.check_current(self)
+            batch, self.is_stand_in = acc.planner.next()
+            self._last = i == self._count - 1
+            if self._last and not self.explicit_reduce:
+                yield batch  # this micro-batch's backward is the one that synchronises
+            else:
+                # Entered before the forward: DDP decides there whether the backward all-reduces.
+                with acc.skip_sync():
+                    yield batch
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of ``precision`` for the forward pass (empty for fp32).
+
+        Backward runs outside it, as PyTorch's AMP guidance asks.
+
+        Example:
+            >>> with window.autocast():  # doctest: +SKIP
+            ...     loss = model(**batch).loss
+            >>> window.backward(loss, num_items=n)  # doctest: +SKIP
+        """
+        acc = self._acc
+        acc.autocast_used = True
+        if acc.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(acc.device.type, dtype=acc.autocast_dtype)
+
+    def backward(self, loss: torch.Tensor, num_items: Any = None) -> None:
+        """Backpropagate one micro-batch's mean ``loss`` with its weight in the window.
+
+        Args:
+            loss: scalar tensor, the mean over this micro-batch's items.
+            num_items: tokens or samples that ``loss`` averages over (an int, or a one-element
+                tensor, read only at the step). Give it for every micro-batch or for none.
+
+        Example:
+            >>> window.backward(out.loss, num_items=int((labels != -100).sum()))  # doctest: +SKIP
+        """
+        self._acc.micro_batch_backward(self, loss, num_items)
+        if not self._last:
+            self._acc.stores.between()
+
+    def forward_backward(self, batch: Any, loss_fn: Callable[[Any], tuple[torch.Tensor, Any]]) -> None:
+        """Run ``loss_fn(batch) -> (mean loss, num_items)`` under :meth:`autocast` and its
+        backward, surviving out-of-memory errors: what a failed attempt added is discarded,
+        the batch is split in two along dim 0 and the halves are retried, and the window's
+        update is still the big batch's. The working split is kept for later micro-batches.
+
+        In one process and under DDP (whose gradients the engine then reduces itself at the
+        step, so that no rank is left in a collective). Under FSDP2 an attempt cannot be
+        undone: every rank stops with the same error (see ``docs/distributed.md``).
+
+        Example:
+            >>> def loss_fn(b):  # doctest: +SKIP
+            ...     return model(**b).loss, int((b["labels"] != -100).sum())
+            >>> window.forward_backward(batch, loss_fn)  # doctest: +SKIP
+        """
+        self._acc.forward_backward(self, batch, loss_fn)
+        if not self._last:
+            self._acc.stores.between()
+
+    def finish(self) -> StepReport:
+        """Leave the window's mean gradient in ``.grad`` (rescaled, reduced, unscaled, clipped)
+        and report it, without updating: for custom optimizers, EMA or logging before the
+        update. Then call ``optimizer.step()`` unless ``report.skipped``, then :meth:`close`.
+
+        Example:
+            >>> report = window.finish()  # doctest: +SKIP
+            >>> if not report.skipped:  # doctest: +SKIP
+            ...     optimizer.step()
+            >>> window.close()  # doctest: +SKIP
+        """
+        self._acc.check_current(self, finishing=True)
+        return _step.finish(self._acc, self)
+
+    def close(self) -> None:
+        """After :meth:`finish` and your update: scaler, scheduler (if not skipped), zeroed
+        gradients, counters. The window is then done."""
+        if self.closed:
+            raise RuntimeError("close() was already called for this window")
+        if self.finished is None:
+            raise RuntimeError("close() before finish(): call window.finish() first (or use window.step())")
+        _step.close(self._acc, self)
+
+    def step(self) -> StepReport:
+        """Close the window: rescale, unscale, clip, update, step the scheduler, zero grads.
+
+        Example:
+            >>> report = window.step()  # doctest: +SKIP
+        """
+        report = self.finish()
+        if not report.skipped:
+            self._acc.optimizer.step()
+        self.close()
+        return report
+
+
+class Accumulator(Parts):
+    """Exact gradient accumulation: each update equals the update of the one big batch.
+
+    Args:
+        model: the module being trained (may be DDP- or FSDP2-wrapped).
+        optimizer: its optimizer; its parameters are the ones rescaled, clipped, stepped.
+        steps: micro-batches per optimizer step, an int >= 1 or a callable
+            ``optimizer_step -> int`` evaluated when each window opens.
+        scheduler: learning-rate scheduler, stepped once per update, never per micro-batch.
+        max_grad_norm: clip the accumulated gradient to this total norm (after unscaling).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (+ GradScaler): the dtype of
+            :meth:`Window.autocast` and of ``forward_backward``'s forward.
+        accum_dtype: sum gradients of lower-precision parameters in this dtype (e.g.
+            ``torch.float32`` for a bf16 model), cast once at the step.
+        sync_every_micro_batch: reduce gradients across ranks after every micro-batch
+            instead of once per window (FSDP2 models too large to hold a full unsharded
+            gradient between micro-batches: less memory, k times the traffic).
+        compact_embedding_grads: between micro-batches, hold ``nn.Embedding`` weights'
+            gradients as the rows their lookups touched, so they are not in memory during
+            the next forward. Exact to the bit.
+        device_counts: keep counts and loss sums on the device, read once per step with the
+            norm (default: on for accelerators, off on the CPU, where reading costs nothing).
+
+    Example:
+        >>> acc = Accumulator(model, optimizer, steps=4)  # doctest: +SKIP
+        >>> for window in acc.windows(loader):  # doctest: +SKIP
+        ...     for batch in window:
+        ...         with window.autocast():
+        ...             out = model(**batch)
+        ...         window.backward(out.loss, num_items=count_items(batch))
+        ...     report = window.step()
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: _weights.StepsLike = 1, *,
+                 scheduler: Any = None, max_grad_norm: Optional[float] = None, precision: str = "fp32",
+                 accum_dtype: Optional[torch.dtype] = None, sync_every_micro_batch: bool = False,
+                 compact_embedding_grads: bool = False, device_counts: Optional[bool] = None):
+        build_parts(self, model, optimizer, steps, scheduler, max_grad_norm, precision, accum_dtype,
+                    sync_every_micro_batch, compact_embedding_grads, device_counts)
+        self._current: Optional[Window] = None
+        self._generator: Optional[object] = None
+        self.autocast_used = False
+        self._warned_autocast = False
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def windows(self, loader: Iterable[Any]) -> Iterator[Window]:
+        """Group ``loader``'s micro-batches into windows, one per optimizer step.
+
+        The last window may be partial; it is still a mean over what it holds. A window
+        left open by :meth:`load_state_dict` is completed first (and yielded even when
+        ``loader`` has nothing left, so that its step is not lost).
+
+        Example:
+            >>> for window in acc.windows(loader):  # doctest: +SKIP
+            ...     ...
+        """
+        if self._generator is not None:
+            raise RuntimeError(
+                "another acc.windows() loop is still running: finish it (or break out of it) before "
+                "starting a new one; interleaving two would merge their micro-batches into one step"
+            )
+        token = object()
+        self._generator = token
+        try:
+            yield from self._windows(loader)
+        finally:
+            if self._generator is token:
+                self._generator, self._current = None, None
+
+    def _windows(self, loader: Iterable[Any]) -> Iterator[Window]:
+        st = self.state
+        self.planner = Planner(Lookahead(loader), self.planner.stand_in)
+        pending = st.micro_batches > 0
+        k = (st.planned or _weights.resolve_steps(self.steps, st.optimizer_step)) - st.micro_batches
+        self.planner.target = self.agree(self.parallel.all_sum(
+            _step._rank_vector(self.parallel.world, self.parallel.rank, self.planner.local_count(k))))
+        while self.planner.target > 0 or pending:
+            if st.planned == 0:
+                st.planned = _weights.resolve_steps(self.steps, st.optimizer_step)
+            window = self._current = Window(self, self.planner.target)
+            pending = False
+            yield window
+            if not window.closed:
+                raise RuntimeError(
+                    "window.step() was not called before the next window: call it once after "
+                    "the window's micro-batches, or its gradients would leak into the next update"
+                )
+
+    def agree(self, counts: list[float]) -> int:
+        """The next window's micro-batch count, the same on every rank."""
+        return agree(counts)
+
+    def check_current(self, window: Window, finishing: bool = False) -> None:
+        if window.closed or window.finished is not None:
+            raise RuntimeError(
+                "step() was already called for this window; iterate the next window" if finishing
+                else "backward() after step(): this window is closed; use the next window"
+            )
+        if self._current is not None and window is not self._current:
+            raise RuntimeError("this window is not the accumulator's open window: use the one acc.windows() yielded last")
+
+    def skip_sync(self) -> contextlib.AbstractContextManager:
+        return self.parallel.skip_sync() if self.sync_control else contextlib.nullcontext()
+
+    # -- one micro-batch ----------------------------------------------------------------
+
+    def micro_batch_backward(self, window: Window, loss: torch.Tensor, num_items: Any) -> None:
+        """Backpropagate ``loss`` with its provisional weight (see ``gradaccum._weights``)."""
+        self.check_current(window)
+        st = self.state
+        if window.is_stand_in:
+            self._stand_in_backward(window, loss)
+            return
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss must be a scalar tensor (the mean over the micro-batch's items); got {shape}. "
+                "Reduce it with .mean() or .sum() / num_items first."
+            )
+        if not loss.requires_grad:
+            raise ValueError("loss does not require grad: compute it from the model's output, outside torch.no_grad()")
+        if self.autocast_dtype is not None and not self.autocast_used and not self._warned_autocast:
+            self._warned_autocast = True
+            warnings.warn(f"precision={self.precision!r} but the forward ran outside window.autocast(): "
+                          "wrap the forward in `with window.autocast():` (backward stays outside)", stacklevel=3)
+        n, weighted = self.counts.items(num_items)
+        if st.micro_batches == 0 and self.parallel.world == 1:
+            # One process: the window's first micro-batch sets the scale, so a window of one
+            # micro-batch is exactly the plain step and equal full windows need no rescaling.
+            st.reference = n
+        elif st.reference is None:
+            # Across ranks the weights must share one reference: the mean of the ranks' first
+            # micro-batches, once; later windows reuse the last window's global mean.
+            st.reference = self._shared(n)
+        # The loss is a mean over n items; weight n/D makes the held gradient a sum over items
+        # (the mean of means is not the mean), and the boundary scale D/N makes it a mean.
+        weight = n / (st.reference * st.planned)
+        loss = loss.reshape(())
+        if self.scaler is not None:
+            self.scaler.scale(loss * weight).backward()
+        elif type(loss) is not torch.Tensor:  # a tensor subclass (DTensor) wants its own kind of seed
+            (loss * weight).backward()
+        else:
+            # Seeding backward with the weight is d(loss * weight)/d(loss) without a multiply
+            # node in the graph or the ones_like that a bare backward() makes.
+            loss.backward(self._seed(weight, loss))
+        self.stores.absorb()
+        st.weighted = weighted
+        st.micro_batches += 1
+        self.counts.record(loss, n)
+
+    def _shared(self, n: Any) -> Any:
+        if isinstance(n, torch.Tensor):
+            return self.parallel.all_sum(n.reshape(1).to(torch.float64))[0] / self.parallel.world
+        return self.parallel.all_sum([n])[0] / self.parallel.world
+
+    def _seed(self, weight: Any, loss: torch.Tensor) -> torch.Tensor:
+        """The weight as a tensor like ``loss``; kept while it repeats (equal micro-batches)."""
+        if isinstance(weight, torch.Tensor):
+            return weight.to(dtype=loss.dtype, device=loss.device).reshape(())
+        seed = self._last_seed
+        if seed is None or self._last_weight != weight or seed.dtype != loss.dtype or seed.device != loss.device:
+            seed = self._last_seed = torch.full((), weight, dtype=loss.dtype, device=loss.device)
+            self._last_weight = weight
+        return seed
+
+    def _stand_in_backward(self, window: Window, loss: torch.Tensor) -> None:
+        st = self.state
+        if st.reference is None:  # the other ranks make this all-reduce in their first backward
+            st.reference = self._shared(torch.zeros((), device=self.device) if self.counts.on_device else 0.0)
+        (loss.reshape(()) * 0.0).backward()  # runs the collectives; adds nothing
+        self.stores.absorb()
+        window.stand_ins += 1
+
+    def forward_backward(self, window: Window, batch: Any, loss_fn: Callable) -> None:
+        """See :meth:`Window.forward_backward`."""
+        self.check_current(window)
+        done = self.state.micro_batches
+        if not self.parallel.can_roll_back_oom:
+            self._forward_backward_once(window, batch, loss_fn)
+        else:
+            forward_backward_with_retry(self, window, batch, loss_fn)
+        self.state.micro_batches = done + (0 if window.is_stand_in else 1)  # the pieces are one micro-batch
+
+    def run_piece(self, window: Window, piece: Any, loss_fn: Callable) -> None:
+        with window.autocast():
+            out = loss_fn(piece)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise TypeError(
+                f"loss_fn must return (loss, num_items): the micro-batch's mean loss as a scalar tensor and "
+                f"the items it averages over (or None); it returned {type(out).__name__}"
+                + (f" of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else "")
+            )
+        self.micro_batch_backward(window, out[0], out[1])
+
+    def _forward_backward_once(self, window: Window, batch: Any, loss_fn: Callable) -> None:
+        # FSDP2: no retry. Announce the error so that ranks blocked in a collective stop too.
+        self.parallel.watch_for_oom()
+        try:
+            self.run_piece(window, batch, loss_fn)
+        except torch.OutOfMemoryError as exc:
+            message = (
+                f"out of memory on rank {self.parallel.rank} in a micro-batch of {_split.batch_size(batch)} "
+                f"item(s) under {self.parallel.name}, which gathers and reduces inside forward and backward, "
+                "so the attempt cannot be undone on one rank alone. Resume from the last checkpoint with a "
+                "smaller micro-batch (gradaccum train: --micro-batch, or a torchrun restart budget)"
+            )
+            self.parallel.announce_oom(message)
+            raise torch.OutOfMemoryError(message) from exc
+
+    def abandon(self, window: Window) -> None:
+        """Drop the open window without an update (after an error at its step)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.stores.clear()
+        self.state.close_window()
+        self.counts.reset()
+        window.closed = True
+        self.planner.target = 0
+
+    # -- checkpointing ----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The accumulator's state (:class:`AccumulatorState`, as a dict), partial window included.
+
+        Example:
+            >>> torch.save(acc.state_dict(), "acc.pt")  # doctest: +SKIP
+        """
+        from .checkpoint import snapshot
+
+        return snapshot(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; an open window continues in the next :meth:`windows`.
+
+        The whole state is validated first: a refused one raises ``TypeError``/``ValueError``
+        and changes nothing.
+
+        Example:
+            >>> acc.load_state_dict(torch.load("acc.pt"))  # doctest: +SKIP
+        """
+        from .checkpoint import restore
+
+        restore(self, state_dict)

@@ -1,0 +1,139 @@
+"""Checking an Accumulator's arguments and choosing its parts, once, before any work.
+
+A combination the engine cannot keep exact is refused here, with what to do instead, so
+that no cell of feature x wrapper x precision is silently wrong.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import _weights
+from ..nn import WindowBatchNorm
+from . import parallel as _parallel
+from .counts import DeviceCounts, HostCounts
+from .grads import BufferStore, CompactStore, DenseStore, Stores, embedding_modules
+from .plan import Lookahead, Planner
+from .._state import AccumulatorState
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Parts:
+    """The parts an Accumulator is made of (attributes set by :func:`build_parts`)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps: _weights.StepsLike
+    max_grad_norm: Optional[float]
+    precision: str
+    accum_dtype: Optional[torch.dtype]
+    params: list[torch.Tensor]
+    device: torch.device
+    parallel: _parallel.SingleProcess
+    stores: Stores
+    counts: HostCounts
+    planner: Planner
+    state: AccumulatorState
+    scaler: Optional[torch.amp.GradScaler]
+    autocast_dtype: Optional[torch.dtype]
+    sync_control: bool
+    explicit_reduce: bool
+    uniform: bool
+    foreach: Optional[bool]
+    window_norms: list[WindowBatchNorm]
+
+
+def _check(model: Any, optimizer: Any, scheduler: Any, max_grad_norm: Any, precision: Any, accum_dtype: Any) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise TypeError("scheduler must have a step() method (a torch LR scheduler) or be None")
+    if max_grad_norm is not None and (
+        isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+        or not math.isfinite(max_grad_norm) or max_grad_norm <= 0
+    ):
+        raise ValueError(f"max_grad_norm must be a positive number or None; got {max_grad_norm!r}")
+    if precision not in AUTOCAST:
+        raise ValueError(f"precision must be one of {sorted(AUTOCAST)}; got {precision!r}")
+    if accum_dtype is not None and not (isinstance(accum_dtype, torch.dtype) and accum_dtype.is_floating_point):
+        raise ValueError(f"accum_dtype must be a floating torch.dtype such as torch.float32 or None; got {accum_dtype!r}")
+
+
+def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: Any, scheduler: Any,
+                max_grad_norm: Optional[float], precision: str, accum_dtype: Optional[torch.dtype],
+                sync_every_micro_batch: bool, compact_embedding_grads: bool, device_counts: Optional[bool]) -> None:
+    """Validate the arguments and set ``acc``'s parts; raises before any work is done."""
+    _check(model, optimizer, scheduler, max_grad_norm, precision, accum_dtype)
+    acc.steps = _weights.check_steps(steps)
+    acc.model, acc.optimizer, acc.scheduler = model, optimizer, scheduler
+    acc.max_grad_norm, acc.precision, acc.accum_dtype = max_grad_norm, precision, accum_dtype
+    acc.params = params = [p for group in optimizer.param_groups for p in group["params"]]
+    first = next(iter(model.parameters()), None)
+    acc.device = first.device if first is not None else torch.device("cpu")
+    acc.parallel = dp = _parallel.adapter_for(model)
+    fsdp = isinstance(dp, _parallel.FSDP2)
+    # The fused per-list kernels also run on the CPU, where torch's default loops in Python.
+    acc.foreach = all(p.device.type in ("cpu", "cuda") for p in params) or None
+    # Gradients share their parameters' device and dtype: check once, not every step.
+    kinds = {(type(p) in (torch.nn.Parameter, torch.Tensor), p.device, p.dtype) for p in params}
+    acc.uniform = bool(acc.foreach) and len(kinds) == 1 and next(iter(kinds))[0]
+    acc.autocast_dtype = AUTOCAST[precision]
+    acc.scaler = torch.amp.GradScaler(acc.device.type) if precision == "fp16" else None
+    acc.sync_control = not sync_every_micro_batch and isinstance(dp, (_parallel.DDP, _parallel.FSDP2))
+
+    low = {i for i, p in enumerate(params) if accum_dtype is not None and p.is_floating_point()
+           and torch.finfo(p.dtype).bits < torch.finfo(accum_dtype).bits}
+    if low and fsdp:
+        raise ValueError(
+            "accum_dtype with an FSDP2 model: FSDP2 holds the deferred gradients itself; give "
+            "fully_shard a MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) instead"
+        )
+    if compact_embedding_grads and fsdp:
+        raise ValueError(
+            "compact_embedding_grads with an FSDP2 model: FSDP2 holds the deferred unsharded gradients "
+            "inside its parameters, where no rows can be taken out; it already frees them per layer"
+        )
+    if fsdp and acc.scaler is not None and not sync_every_micro_batch:
+        raise ValueError(
+            "precision='fp16' with an FSDP2 model: GradScaler needs the sharded gradients it unscales; "
+            "use precision='bf16' (no loss scaling needed), or sync_every_micro_batch=True"
+        )
+    compact_mods = [m for m in embedding_modules(model)] if compact_embedding_grads else []
+    where = {id(p): i for i, p in enumerate(params)}
+    compact_mods = [m for m in compact_mods if id(m.weight) in where and where[id(m.weight)] not in low]
+    compact_ids = {where[id(m.weight)] for m in compact_mods}
+    on_device = device_counts if device_counts is not None else acc.device.type not in ("cpu", "meta")
+    dense = [i for i in range(len(params)) if i not in low and i not in compact_ids]
+    stores: list[DenseStore] = [DenseStore([params[i] for i in dense], dense)]
+    if low:
+        ordered = sorted(low)
+        stores.append(BufferStore([params[i] for i in ordered], ordered, accum_dtype))  # type: ignore[arg-type]
+    if compact_mods:
+        ordered = [where[id(m.weight)] for m in compact_mods]
+        stores.append(CompactStore([params[i] for i in ordered], ordered, compact_mods, sync_free=on_device))
+    acc.stores = Stores(stores)
+    # DDP reduces .grad in the last backward; gradients held elsewhere (fp32 buffers, rows)
+    # would miss it, so then the engine reduces the window's sum itself at the step.
+    acc.explicit_reduce = isinstance(dp, _parallel.DDP) and bool(low or compact_mods)
+    acc.state = AccumulatorState()
+    acc.counts = DeviceCounts(acc.state, acc.device) if on_device else HostCounts(acc.state)
+    acc.planner = Planner(Lookahead(()))
+    acc._last_seed, acc._last_weight = None, 0.0
+    acc.window_norms = [m for m in model.modules() if isinstance(m, WindowBatchNorm)]
+    plain_bn = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and not isinstance(m, WindowBatchNorm)]
+    if plain_bn:
+        warnings.warn(
+            f"BatchNorm layers ({', '.join(plain_bn[:4])}{' ...' if len(plain_bn) > 4 else ''}) use "
+            "micro-batch statistics, so accumulation cannot match the big batch for them; "
+            "see gradaccum.nn.convert_batchnorm(model, to='window' or 'groupnorm')",
+            stacklevel=3,
+        )

@@ -1,0 +1,58 @@
+"""``state_dict`` / ``load_state_dict``: the one typed state, validated whole before use."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import parallel as _parallel
+from .._state import AccumulatorState
+
+if TYPE_CHECKING:
+    from .accumulator import Accumulator
+
+
+def _number(v: Any) -> Any:
+    return float(v) if isinstance(v, torch.Tensor) else v
+
+
+def snapshot(acc: "Accumulator") -> dict[str, Any]:
+    """:class:`AccumulatorState` with the partial window's gradients, as a plain dict."""
+    st = acc.state
+    if st.micro_batches and isinstance(acc.parallel, _parallel.FSDP2) and acc.sync_control:
+        raise RuntimeError(
+            "a mid-window state_dict under FSDP2: FSDP2 holds the partial window's unsharded gradients "
+            "inside its own parameters, out of reach. Save at a window boundary (after window.step()), "
+            "or build the Accumulator with sync_every_micro_batch=True"
+        )
+    acc.counts.settle()
+    saved = AccumulatorState(**{f.name: _number(getattr(st, f.name)) for f in dataclasses.fields(st) if f.name != "grads"})
+    if st.micro_batches:
+        saved.grads = acc.stores.held()
+    out = saved.to_dict()
+    if acc.scaler is not None:
+        out["scaler"] = acc.scaler.state_dict()
+    return out
+
+
+def restore(acc: "Accumulator", saved: Any) -> None:
+    """Validate ``saved`` whole, then replace the state; nothing changes when it is refused."""
+    current = getattr(acc, "_current", None)
+    if current is not None and not current.closed:
+        raise RuntimeError("load_state_dict() while a window is open: call it before acc.windows(), or after window.step()")
+    new = AccumulatorState.from_dict(saved, len(acc.params), [p.shape for p in acc.params])
+    scaler = saved.get("scaler")
+    if scaler is not None and not isinstance(scaler, dict):
+        raise TypeError(f"'scaler' must be a GradScaler state_dict; got {type(scaler).__name__}")
+    if new.grads and new.micro_batches and isinstance(acc.parallel, _parallel.FSDP2) and acc.sync_control:
+        raise ValueError("a mid-window state under FSDP2 needs sync_every_micro_batch=True (see state_dict())")
+    # Everything checked: apply. The live state object is kept (the counters refer to it).
+    grads, new.grads = new.grads, {}
+    for f in dataclasses.fields(new):
+        setattr(acc.state, f.name, getattr(new, f.name))
+    acc.stores.load(grads)
+    acc.counts.reset()
+    if acc.scaler is not None and scaler is not None:
+        acc.scaler.load_state_dict(scaler)

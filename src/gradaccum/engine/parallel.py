@@ -1,0 +1,162 @@
+"""Data-parallel adapters, chosen once from the model: one process, DDP or FSDP2.
+
+Each says how many ranks average the gradient, how to run a micro-batch without gradient
+sync (public APIs only: DDP's ``no_sync()``, FSDP2's ``set_requires_gradient_sync()``, both
+entered before the forward, where DDP decides whether the backward all-reduces), how to sum
+a window's counters over ranks, and what an out-of-memory error may do. The one-process
+adapter does nothing at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from typing import ContextManager, Union
+
+import torch
+import torch.distributed as dist
+
+Values = Union[list, torch.Tensor]
+
+
+class SingleProcess:
+    """No other ranks: nothing to skip, sum or announce.
+
+    >>> SingleProcess().all_sum([3.0, 1.5])
+    [3.0, 1.5]
+    """
+
+    world = 1
+    rank = 0
+    name = "one process"
+    can_roll_back_oom = True  # a failed attempt's gradients are all in places the store sees
+
+    def skip_sync(self) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+    def all_sum(self, values: Values) -> Values:
+        return values
+
+    def reduce_grads(self, grads: list[torch.Tensor]) -> None:
+        pass
+
+    def announce_oom(self, message: str) -> None:
+        pass
+
+
+class _Ranks(SingleProcess):
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.world = dist.get_world_size()
+        self.rank = dist.get_rank()
+
+    def all_sum(self, values: Values) -> Values:
+        """Sum over ranks in one small all-reduce (float64, so counts stay exact)."""
+        on_device = isinstance(values, torch.Tensor)
+        t = values if on_device else torch.tensor([float(v) for v in values], dtype=torch.float64)
+        # gloo has no float64 reduction on CUDA tensors; NCCL has no CPU tensors.
+        if dist.get_backend() != "nccl" and t.device.type != "cpu":
+            t = t.cpu()
+        t = t.clone()
+        dist.all_reduce(t)
+        return t if on_device else t.tolist()
+
+
+class DDP(_Ranks):
+    """``DistributedDataParallel``: its reducer all-reduces in the window's last backward,
+    unless the engine reduces the window's gradient itself at the step (``reduce_grads``),
+    which it does when a micro-batch may be retried or gradients are held elsewhere."""
+
+    name = "DDP"
+
+    def skip_sync(self) -> ContextManager[None]:
+        return self.model.no_sync()  # type: ignore[operator,return-value]
+
+    def reduce_grads(self, grads: list[torch.Tensor]) -> None:
+        """Average ``grads`` over ranks in one flat all-reduce per dtype, as DDP would."""
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for g in grads:
+            groups.setdefault((g.device, g.dtype), []).append(g)
+        for group in groups.values():
+            flat = torch._utils._flatten_dense_tensors(group)
+            dist.all_reduce(flat)
+            flat.div_(self.world)
+            for g, r in zip(group, torch._utils._unflatten_dense_tensors(flat, group)):
+                g.copy_(r)
+
+
+class FSDP2(_Ranks):
+    """``fully_shard``: it gathers and reduces inside every forward and backward, and holds
+    the deferred unsharded gradients inside its own parameters. An attempt that fails part
+    way leaves the other ranks waiting in a collective and cannot be undone, so an
+    out-of-memory error stops every rank with the same message instead of retrying."""
+
+    name = "FSDP2"
+    can_roll_back_oom = False
+    KEY = "gradaccum/out-of-memory"
+    EXIT_CODE = 75  # EX_TEMPFAIL: restart (torchrun --max-restarts) with a smaller micro-batch
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        self._watch: threading.Thread | None = None
+        self._store = _default_store()
+
+    @contextlib.contextmanager
+    def _no_sync(self):
+        self.model.set_requires_gradient_sync(False)  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+    def skip_sync(self) -> ContextManager[None]:
+        return self._no_sync()
+
+    def watch_for_oom(self) -> None:
+        """Start (once) a thread that stops this rank when another announces an OOM: this
+        rank may be blocked in a collective the failed rank will never join."""
+        if self._watch is not None or self._store is None:
+            return
+        store = self._store
+
+        def watch() -> None:
+            while True:
+                try:
+                    if store.check([self.KEY]):
+                        message = store.get(self.KEY).decode(errors="replace")
+                        print(f"gradaccum: rank {self.rank} stops: {message}", file=sys.stderr, flush=True)
+                        os._exit(self.EXIT_CODE)
+                except Exception:  # the store went away with the job: nothing to watch
+                    return
+                threading.Event().wait(0.2)
+
+        self._watch = threading.Thread(target=watch, name="gradaccum-oom-watch", daemon=True)
+        self._watch.start()
+
+    def announce_oom(self, message: str) -> None:
+        if self._store is not None:
+            self._store.set(self.KEY, message)
+
+
+def _default_store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # no store behind this process group: nothing to announce through
+        return None
+
+
+def adapter_for(model: torch.nn.Module) -> SingleProcess:
+    """The adapter for ``model``: one process unless it is DDP/FSDP2-wrapped in a process group.
+
+    >>> adapter_for(torch.nn.Linear(2, 2)).name
+    'one process'
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return SingleProcess()
+    if hasattr(model, "set_requires_gradient_sync"):
+        return FSDP2(model)
+    if hasattr(model, "no_sync"):
+        return DDP(model)
+    return SingleProcess()

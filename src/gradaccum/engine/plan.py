@@ -1,0 +1,86 @@
+"""Which micro-batches form a window, which one is last, and who stands in.
+
+Every rank runs the window's largest micro-batch count, agreed at the previous step (in one
+process the "agreement" is the local count). A rank that has run out stands in with its
+last micro-batch at weight zero, so that its collectives (DDP's all-reduce, FSDP2's gathers)
+pair with the other ranks' and the update stays the big batch's.
+"""
+
+from __future__ import annotations
+
+import collections
+import warnings
+from typing import Any, Iterable
+
+
+class Lookahead:
+    """An iterator that can tell how many items follow (up to a limit) by fetching them early.
+
+    >>> it = Lookahead(range(3)); it.count(5), it.pop(), it.count(5)
+    (3, 0, 2)
+    """
+
+    def __init__(self, iterable: Iterable[Any]):
+        self._it = iter(iterable)
+        self._ahead: collections.deque = collections.deque()
+        self._exhausted = False
+
+    def count(self, limit: int) -> int:
+        """Items available, fetching until ``limit`` are held or the source ends."""
+        while len(self._ahead) < limit and not self._exhausted:
+            try:
+                self._ahead.append(next(self._it))
+            except StopIteration:
+                self._exhausted = True
+        return min(len(self._ahead), limit)
+
+    def pop(self) -> Any:
+        """The next item (one that :meth:`count` has fetched)."""
+        return self._ahead.popleft()
+
+
+def agree(counts: list[float]) -> int:
+    """The next window's micro-batch count on every rank: the largest any rank has.
+
+    ``counts[r]`` is rank r's count; -1 marks a rank with no micro-batch to stand in with.
+
+    >>> agree([4.0, 3.0])
+    4
+    """
+    target = int(max(counts))
+    missing = [r for r, c in enumerate(counts) if c < 0]
+    if target > 0 and missing:
+        raise RuntimeError(
+            f"uneven data across ranks: ranks {missing} have no micro-batch at all while others "
+            "have data; give every rank data (DistributedSampler pads so that each gets as many)"
+        )
+    short = [r for r, c in enumerate(counts) if c < target]
+    if target > 0 and short and len(counts) > 1:
+        warnings.warn(
+            f"ranks {short} have fewer micro-batches than others in this window; they stand in "
+            "with zero-weight micro-batches, so the update is still the big batch's",
+            stacklevel=4,
+        )
+    return target
+
+
+class Planner:
+    """Hands out one window's micro-batches: real ones, then stand-ins up to the agreed count."""
+
+    def __init__(self, batches: Lookahead, stand_in: Any = None):
+        self.batches = batches
+        self.target = 0  # micro-batches in the open window, the same on every rank
+        self.stand_in = stand_in  # this rank's last micro-batch, for zero-weight stand-ins
+
+    def local_count(self, k: int) -> float:
+        """Micro-batches (up to k) this rank has for a window; -1 if it has none and no
+        earlier micro-batch to stand in with."""
+        n = self.batches.count(k)
+        return float(n) if n or self.stand_in is not None else -1.0
+
+    def next(self) -> tuple[Any, bool]:
+        """The next micro-batch and whether it is a stand-in."""
+        if self.batches.count(1):
+            self.stand_in = self.batches.pop()
+            return self.stand_in, False
+        return self.stand_in, True

@@ -1,0 +1,56 @@
+"""A micro-batch that survives out-of-memory errors: discard the attempt, split, retry.
+
+Used in one process and under DDP, where every gradient an attempt wrote is in ``.grad`` or
+in a gradient store, and no collective runs during the attempt (the engine runs every
+piece without gradient sync and, under DDP, reduces the window itself at the step). An
+error in the window's last micro-batch is therefore as recoverable as in any other.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from .. import _split
+
+if TYPE_CHECKING:
+    from .accumulator import Accumulator, Window
+
+
+def forward_backward_with_retry(acc: "Accumulator", window: "Window", batch: Any, loss_fn: Callable) -> None:
+    st = acc.state
+    if acc.parallel.world > 1 and not window.explicit_reduce:
+        window.explicit_reduce = True  # a retried attempt must not have synchronised
+    total = _split.batch_size(batch) or 1
+    parts = min(st.parts, total)
+    pieces = _split.split_batch(batch, parts) if parts > 1 else [batch]
+    while pieces:
+        piece = pieces.pop(0)
+        try:
+            _attempt(acc, window, piece, loss_fn)
+        except torch.OutOfMemoryError as exc:
+            n = _split.batch_size(piece)
+            if n is None or n <= 1:
+                raise torch.OutOfMemoryError(
+                    f"out of memory on a micro-batch of {n} item(s), which cannot be split further: "
+                    "the model alone does not fit; free memory or shard the model"
+                ) from exc
+            pieces[:0] = _split.split_batch(piece, 2)
+            st.splits += 1
+            st.parts = max(st.parts, -(-total // ((n + 1) // 2)))
+            if acc.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _attempt(acc: "Accumulator", window: "Window", piece: Any, loss_fn: Callable) -> None:
+    # Hold the gradients so far aside: the attempt writes fresh ones, which are kept only if
+    # it finishes (an OOM in backward may have written some parameters already).
+    held = acc.stores.take()
+    try:
+        with acc.skip_sync():
+            acc.run_piece(window, piece, loss_fn)
+    except BaseException:
+        acc.stores.put_back(held)
+        raise
+    acc.stores.merge(held)

@@ -1,0 +1,130 @@
+"""The step: rescale, reduce, unscale, measure, clip; then update and close the window.
+
+``finish`` leaves the window's mean gradient in ``.grad`` and says what an update would do;
+``close`` does the bookkeeping after the optimizer ran (or was skipped). Everything the
+host must know (counts, loss sum, norm, device-side checks, the next window's micro-batch
+counts of every rank) is read in one go: one host sync per window on an accelerator.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from .. import _weights
+from .._state import StepReport
+
+if TYPE_CHECKING:
+    from .accumulator import Accumulator, Window
+
+
+def total_norm(grads: list[torch.Tensor], uniform: bool, foreach: Optional[bool]) -> torch.Tensor:
+    """Total 2-norm; one fused call when all gradients share a device and dtype (``uniform``,
+    known from the parameters once), skipping the regrouping ``get_total_norm`` does in Python.
+
+    >>> float(total_norm([torch.tensor([3.0]), torch.tensor([4.0])], True, True))
+    5.0
+    """
+    if not grads:
+        return torch.zeros(())
+    if uniform:
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    norm = torch.nn.utils.get_total_norm(grads, foreach=foreach)
+    # FSDP2's sharded gradients give a DTensor norm: the full value needs the shards' sum.
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _rank_vector(world: int, rank: int, value: float) -> list[float]:
+    # ``value`` at this rank's position: summed over ranks, it gives every rank's value.
+    return [float(value) if r == rank else 0.0 for r in range(world)]
+
+
+def finish(acc: "Accumulator", window: "Window") -> StepReport:
+    """Leave the window's mean gradient in ``.grad`` (clipped) and report; no update yet."""
+    st, dp, stores = acc.state, acc.parallel, acc.stores
+    if st.micro_batches == 0 and not window.stand_ins:
+        raise RuntimeError("step() on a window with no backward(): call window.backward(loss) for its micro-batches first")
+    has_grad = stores.any_grad()
+    ahead = acc.planner.local_count(_weights.resolve_steps(acc.steps, st.optimizer_step + 1))
+    extra = [float(st.micro_batches), float(has_grad)] + _rank_vector(dp.world, dp.rank, ahead)
+    local = acc.counts.values()
+    if isinstance(local, torch.Tensor):
+        sums = dp.all_sum(torch.cat([local, torch.tensor(extra, dtype=torch.float64, device=local.device)]))
+    else:
+        sums = dp.all_sum(local + extra)
+    items_t = sums[0]  # a device tensor on the device path: never read here
+    # Held: sum_i n_i * g_i / D. Times D / N (and the ranks DDP/FSDP average over) = the mean.
+    scale = (st.reference * st.planned * dp.world) / items_t if isinstance(items_t, torch.Tensor) or items_t else 1.0
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(torch.float32)
+    if window.explicit_reduce:
+        stores.materialize()  # every rank must reduce the same tensors
+        dp.reduce_grads(stores.reducible())
+    grads = stores.finalize(scale)
+    if acc.scaler is not None and grads:
+        # Unscale before measuring or clipping: the clip threshold is for true gradients.
+        acc.scaler.unscale_(acc.optimizer)
+    norm_t = total_norm(grads, acc.uniform, acc.foreach)
+    if acc.max_grad_norm is not None and grads:
+        # With the norm as a tensor: a non-finite norm makes NaNs, but that window is skipped.
+        torch.nn.utils.clip_grads_with_norm_(acc.params, acc.max_grad_norm, norm_t, foreach=acc.foreach)
+    checks = stores.deferred()
+    if isinstance(sums, torch.Tensor):  # the one host sync of the window
+        read = torch.cat([sums, norm_t.detach().reshape(1).to(sums), *(c.reshape(1).to(sums) for c in checks)]).tolist()
+    else:
+        read = list(sums) + [float(norm_t)] + [float(c) for c in checks]
+    items, loss_sum, invalid, micro_batches, with_grad = read[:5]
+    counts, norm = read[5:5 + dp.world], read[5 + dp.world]
+    try:
+        if invalid:
+            raise ValueError(
+                "num_items must be > 0 and finite for every micro-batch (the tokens or samples that the "
+                "loss averages over); a tensor count in this window was not. Skip a micro-batch with no "
+                "items instead of backpropagating it. This window is not applied"
+            )
+        stores.check(read[6 + dp.world:])
+    except Exception:
+        acc.abandon(window)
+        raise
+    lr = acc.optimizer.param_groups[0].get("lr") if acc.optimizer.param_groups else None
+    window.finished = StepReport(
+        step=st.optimizer_step + 1,
+        loss=loss_sum / items if items else float("nan"),
+        num_items=items if st.weighted is not False else None,
+        micro_batches=int(micro_batches),
+        grad_norm=norm,
+        # Nothing to apply: no parameter received a gradient anywhere, or it is not finite.
+        skipped=not with_grad or not math.isfinite(norm),
+        lr=float(lr) if lr is not None else None,
+        splits=st.splits,
+        stand_ins=window.stand_ins,
+    )
+    window.scaled = acc.scaler is not None and bool(grads)
+    window.next_counts = counts
+    window.items_per_micro_batch = items / micro_batches if micro_batches else None
+    return window.finished
+
+
+def close(acc: "Accumulator", window: "Window") -> None:
+    """After the update (or the skip): scaler, scheduler, zeroed gradients, counters."""
+    report = window.finished
+    assert report is not None
+    if window.scaled:
+        acc.scaler.update()  # backs the scale off after an overflow
+    if not report.skipped and acc.scheduler is not None:
+        acc.scheduler.step()
+    acc.optimizer.zero_grad(set_to_none=True)
+    acc.stores.clear()
+    for norm in acc.window_norms:  # their running statistics move once per window
+        norm.close_window()
+    st = acc.state
+    st.optimizer_step += 1
+    # Across ranks the next window reuses this window's global items per micro-batch: the
+    # same number on every rank, and a boundary scale of 1 for a window like this one.
+    st.reference = window.items_per_micro_batch if acc.parallel.world > 1 else None
+    st.close_window()
+    acc.counts.reset()
+    window.closed = True
+    acc.planner.target = acc.agree(window.next_counts)
