@@ -102,11 +102,6 @@ def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optim
             "compact_embedding_grads with an FSDP2 model: FSDP2 holds the deferred unsharded gradients "
             "inside its parameters, where no rows can be taken out; it already frees them per layer"
         )
-    if fsdp and acc.scaler is not None and not sync_every_micro_batch:
-        raise ValueError(
-            "precision='fp16' with an FSDP2 model: GradScaler needs the sharded gradients it unscales; "
-            "use precision='bf16' (no loss scaling needed), or sync_every_micro_batch=True"
-        )
     compact_mods = [m for m in embedding_modules(model)] if compact_embedding_grads else []
     where = {id(p): i for i, p in enumerate(params)}
     compact_mods = [m for m in compact_mods if id(m.weight) in where and where[id(m.weight)] not in low]

@@ -102,6 +102,7 @@ class FSDP2(_Ranks):
         super().__init__(model)
         self._watch: threading.Thread | None = None
         self._store = _default_store()
+        self._announced = False  # this rank raised the error itself: its own watch stands down
 
     @contextlib.contextmanager
     def _no_sync(self):
@@ -124,6 +125,8 @@ class FSDP2(_Ranks):
         def watch() -> None:
             while True:
                 try:
+                    if self._announced:
+                        return
                     if store.check([self.KEY]):
                         message = store.get(self.KEY).decode(errors="replace")
                         print(f"gradaccum: rank {self.rank} stops: {message}", file=sys.stderr, flush=True)
@@ -136,6 +139,7 @@ class FSDP2(_Ranks):
         self._watch.start()
 
     def announce_oom(self, message: str) -> None:
+        self._announced = True
         if self._store is not None:
             self._store.set(self.KEY, message)
 

@@ -44,7 +44,7 @@ def agree(counts: list[float]) -> int:
 
     ``counts[r]`` is rank r's count; -1 marks a rank with no micro-batch to stand in with.
 
-    >>> agree([4.0, 3.0])
+    >>> agree([4.0, 4.0])
     4
     """
     target = int(max(counts))

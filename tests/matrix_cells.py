@@ -1,0 +1,221 @@
+"""One cell of the composition matrix: a feature, run in one process or on each rank.
+
+Every cell trains a small per-token language model (with an embedding, so that compact rows
+apply, and an injectable out-of-memory layer) through the public API, records the gradient
+handed to the optimizer at every update, and returns it beside the weights each window
+started from. The test compares those with the float64 big batch over all ranks' data.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import gradaccum
+from reference import VOCAB, RecordingSGD, make_sequences, pad
+
+PRECISIONS = ["fp32", "bf16", "fp16", "bf16-params"]
+FEATURES = ["counts", "oom_forward", "oom_backward", "resume", "compact", "clip", "partial", "uneven"]
+K = 3
+CLIP = 0.05
+
+
+class OOMAbove(torch.nn.Module):
+    """Raises out-of-memory in forward or backward for batches larger than ``limit``."""
+
+    def __init__(self, limit: int = 10**9, where: str = "forward"):
+        super().__init__()
+        self.limit, self.where, self.raised = limit, where, 0
+
+    def forward(self, x):
+        if self.where == "forward" and x.shape[0] > self.limit:
+            self.raised += 1
+            raise torch.OutOfMemoryError("injected: out of memory in forward")
+        return _BackwardOOM.apply(x, self) if self.where == "backward" else x
+
+
+class _BackwardOOM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, owner):
+        ctx.owner = owner
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad.shape[0] > ctx.owner.limit:
+            ctx.owner.raised += 1
+            raise torch.OutOfMemoryError("injected: out of memory in backward")
+        return grad, None
+
+
+class CellLM(torch.nn.Module):
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, dim)
+        self.oom = OOMAbove()
+        self.proj = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, VOCAB)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.proj(self.oom(self.emb(ids)))))
+
+
+def batch_of(seqs):
+    ids, mask = pad(seqs)
+    return {"ids": ids, "mask": mask}
+
+
+def mean_loss(model, batch):
+    """Mean next-token loss over the valid positions, and their number."""
+    ids, mask = batch["ids"], batch["mask"]
+    logits = model(ids)[:, :-1]
+    ce = F.cross_entropy(logits.reshape(-1, VOCAB).float(), ids[:, 1:].reshape(-1), reduction="none")
+    valid = mask[:, 1:].reshape(-1)
+    return (ce * valid).sum() / valid.sum(), int(valid.sum())
+
+
+def rank_data(feature: str, rank: int, world: int) -> list[dict]:
+    """This rank's micro-batches: uneven sizes and lengths; ranks differ."""
+    if feature == "uneven":
+        sizes = [[3, 1, 4, 2, 2, 1, 3], [2, 4, 1, 3, 2]][rank % 2] if world > 1 else [3, 1, 4, 2, 2, 1, 3]
+    elif feature == "partial":
+        sizes = [[3, 1, 4, 2, 2], [2, 4, 1, 3, 2]][rank % 2]
+    else:
+        sizes = [[3, 1, 4, 2, 5, 1], [2, 4, 1, 3, 2, 2]][rank % 2]
+    seqs = make_sequences(sum(sizes), seed=100 + rank)
+    out, i = [], 0
+    for s in sizes:
+        out.append(batch_of(seqs[i:i + s]))
+        i += s
+    return out
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _wrap(net, wrap):
+    if wrap == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(net)
+    if wrap == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        return fully_shard(net)
+    return net
+
+
+def run_cell(rank: int, world: int, wrap: str, precision: str, feature: str, sync_every: bool = False) -> dict:
+    """Train the cell; return the gradients seen per update and the weights before each."""
+    torch.manual_seed(0)
+    net = CellLM()
+    if precision == "bf16-params":
+        net = net.to(torch.bfloat16)
+    if feature.startswith("oom"):
+        net.oom.limit, net.oom.where = 2, feature.split("_")[1]
+    init = copy.deepcopy(net.state_dict())
+    model = _wrap(net, wrap)
+    opt = RecordingSGD(model.parameters(), lr=0.5)
+    kw = {
+        "precision": precision if precision != "bf16-params" else "fp32",
+        "accum_dtype": torch.float32 if precision == "bf16-params" else None,
+        "compact_embedding_grads": feature == "compact",
+        "max_grad_norm": CLIP if feature == "clip" else None,
+        "sync_every_micro_batch": sync_every,
+    }
+    try:
+        acc = gradaccum.Accumulator(model, opt, steps=K, **kw)
+    except ValueError as exc:
+        return {"refused": str(exc)}
+    data = rank_data(feature, rank, world)
+    before, reports, windows = [], [], []
+    acc_now = acc
+    stop_after = 2 if feature == "resume" else None
+    for window in acc.windows(data):
+        before.append([_full(p.detach()).float().clone() for p in model.parameters()])
+        for i, batch in enumerate(window):
+            if feature.startswith("oom"):
+                window.forward_backward(batch, lambda b: mean_loss(model, b))
+            else:
+                with window.autocast():
+                    loss, n = mean_loss(model, batch)
+                window.backward(loss, num_items=n)
+            if feature == "resume" and len(reports) == 1 and i + 1 == stop_after:
+                break
+        if feature == "resume" and len(reports) == 1:
+            break  # leave the second window open, to be saved mid-way
+        reports.append(window.step())
+    if feature == "resume":
+        # A fresh accumulator (and optimizer) from the saved state finishes the window.
+        saved = copy.deepcopy(acc.state_dict())
+        opt2 = RecordingSGD(model.parameters(), lr=0.5)
+        opt2.seen = opt.seen
+        for p in model.parameters():
+            p.grad = None
+        acc_now = gradaccum.Accumulator(model, opt2, steps=K, **kw)
+        acc_now.load_state_dict(saved)
+        rest = data[K + stop_after:]
+        for window in acc_now.windows(rest):
+            if len(before) < len(reports) + 1:
+                before.append([_full(p.detach()).float().clone() for p in model.parameters()])
+            for batch in window:
+                with window.autocast():
+                    loss, n = mean_loss(model, batch)
+                window.backward(loss, num_items=n)
+            reports.append(window.step())
+        opt = opt2
+    splits = sum(r.splits for r in reports)
+    return {
+        "init": init, "before": before, "reports": reports, "splits": splits,
+        "seen": [[_full(g).float() for g in step] for step in opt.seen],
+    }
+
+
+def ddp_or_fsdp_cells(rank: int, world: int, wrap: str, precision: str, features: list[str],
+                      sync_every: bool = False) -> dict:
+    """Every feature in turn on this rank (a spawned process)."""
+    out = {}
+    for feature in features:
+        try:
+            out[feature] = run_cell(rank, world, wrap, precision, feature, sync_every)
+        except Exception as exc:  # reported to the test, which names the cell
+            import traceback
+
+            out[feature] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+        dist.barrier()
+    return out
+
+
+def reference(result: dict, feature: str, world: int) -> list[list[torch.Tensor]]:
+    """The float64 big-batch gradient of every window, over all ranks' micro-batches."""
+    per_rank = [rank_data(feature, r, world) for r in range(world)]
+    n_windows = len(result["seen"])
+    wants = []
+    for w in range(n_windows):
+        model = CellLM().double()
+        model.load_state_dict({k: v.double() for k, v in result["init"].items()})
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), result["before"][w]):
+                p.copy_(v.double())
+        batches = [b for data in per_rank for b in data[w * K:(w + 1) * K]]
+        total = sum(mean_loss_terms(model, b)[0] for b in batches)
+        count = sum(mean_loss_terms(model, b)[1] for b in batches)
+        (total / count).backward()
+        want = [p.grad.clone() for p in model.parameters()]
+        if feature == "clip":
+            norm = sum(float(g.pow(2).sum()) for g in want) ** 0.5
+            want = [g * min(1.0, CLIP / (norm + 1e-6)) for g in want]
+        wants.append(want)
+    return wants
+
+
+def mean_loss_terms(model, batch):
+    ids, mask = batch["ids"], batch["mask"]
+    logits = model(ids)[:, :-1]
+    ce = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="none")
+    valid = mask[:, 1:].reshape(-1).double()
+    return (ce * valid).sum(), valid.sum()

@@ -1,0 +1,113 @@
+"""Every feature x {one process, DDP, FSDP2} x precision: the big batch, or refused up front.
+
+The reference for each window is the float64 big batch over every rank's micro-batches of
+that window, from the weights the window started from. A refusal must come from the
+constructor (``ValueError``), before any work; a cell that errors later, hangs (the spawn
+has a deadline) or is silently off fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dist_workers
+import matrix_cells as mc
+from reference import rel_error
+
+TOLERANCE = {"fp32": 1e-5, "bf16": 3e-2, "fp16": 5e-3, "bf16-params": 3e-2}
+
+# The cells the engine refuses, and why (checked: the message must say so).
+REFUSED = {
+    ("fsdp2", "bf16-params"): "MixedPrecisionPolicy",
+}
+REFUSED_FEATURE = {("fsdp2", "compact"): "compact_embedding_grads with an FSDP2"}
+# FSDP2 cannot undo a failed attempt: its OOM cells are in test_fsdp2_oom_stops_every_rank;
+# its mid-window state_dict needs sync_every_micro_batch (test_fsdp2_mid_window_state...).
+SEPARATE = {("fsdp2", "oom_forward"), ("fsdp2", "oom_backward"), ("fsdp2", "resume")}
+
+
+def check(result: dict, feature: str, precision: str, world: int, where: str) -> None:
+    assert "error" not in result, f"{where}: {result.get('trace')}"
+    wants = mc.reference(result, feature, world)
+    expected_windows = {"partial": 2, "uneven": 3, "resume": 2}.get(feature, 2)
+    if world == 1 and feature == "uneven":
+        expected_windows = 3
+    assert len(result["seen"]) == expected_windows, where
+    for w, (got, want) in enumerate(zip(result["seen"], wants)):
+        err = rel_error(got, want)
+        assert err < TOLERANCE[precision], f"{where} window {w}: relative error {err:.3g}"
+    if feature.startswith("oom"):
+        assert result["splits"] >= 1, f"{where}: no out-of-memory error was injected"
+
+
+@pytest.mark.parametrize("precision", mc.PRECISIONS)
+@pytest.mark.parametrize("feature", mc.FEATURES)
+def test_one_process(feature, precision):
+    result = mc.run_cell(0, 1, "none", precision, feature)
+    check(result, feature, precision, 1, f"one process/{precision}/{feature}")
+
+
+@pytest.mark.parametrize("precision", mc.PRECISIONS)
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_two_ranks(tmp_path, wrap, precision):
+    features = [f for f in mc.FEATURES if (wrap, f) not in SEPARATE]
+    results = dist_workers.spawn(mc.ddp_or_fsdp_cells, 2, tmp_path, wrap, precision, features)
+    refusal = REFUSED.get((wrap, precision))
+    for feature in features:
+        where = f"{wrap}/{precision}/{feature}"
+        r0, r1 = results[0][feature], results[1][feature]
+        expect = [m for m in (refusal, REFUSED_FEATURE.get((wrap, feature))) if m]
+        if expect:
+            assert "refused" in r0 and any(m in r0["refused"] for m in expect), f"{where}: {r0}"
+            continue
+        for r in (r0, r1):
+            check(r, feature, precision, 2, where)
+        # Every rank was handed the same update.
+        for a, b in zip(r0["seen"], r1["seen"]):
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), where
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_fsdp2_oom_stops_every_rank_with_the_same_error(tmp_path, where):
+    # FSDP2 gathers and reduces inside forward and backward: a failed attempt cannot be
+    # undone on one rank. The failing rank raises; the others, blocked in a collective it
+    # will never join, stop with its message (exit 75) instead of hanging.
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = os.path.join(os.path.dirname(__file__), "fsdp2_oom_worker.py")
+    procs = []
+    t0 = time.time()
+    for rank in range(2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, worker, where], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    seconds = time.time() - t0
+    assert seconds < 60, f"took {seconds:.0f} s"
+    err0, err1 = outs[0][1], outs[1][1]
+    assert procs[0].returncode == 3 and "caught: out of memory on rank 0" in err0, err0[-2000:]
+    assert procs[1].returncode == 75, err1[-2000:]
+    assert "rank 1 stops: out of memory on rank 0" in err1 and "smaller micro-batch" in err1
+
+
+def test_fsdp2_mid_window_state(tmp_path):
+    # Deferred sync: FSDP2 holds the partial gradients itself, so a mid-window state_dict is
+    # refused with the way out; with sync_every_micro_batch the gradients are sharded .grad
+    # and the resumed window equals the big batch.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    results = dist_workers.spawn(mc.ddp_or_fsdp_cells, 2, tmp_path / "a", "fsdp2", "fp32", ["resume"])
+    for r in results:
+        assert "sync_every_micro_batch=True" in r["resume"]["error"], r["resume"]
+    results = dist_workers.spawn(mc.ddp_or_fsdp_cells, 2, tmp_path / "b", "fsdp2", "fp32", ["resume"], True)
+    for r in results:
+        check(r["resume"], "resume", "fp32", 2, "fsdp2/fp32/resume (sync every micro-batch)")
