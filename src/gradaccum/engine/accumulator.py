@@ -13,12 +13,11 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
-from .. import _split, _weights
-from . import parallel as _parallel
+from .. import _weights
+from . import backward as _backward
 from . import step as _step
 from .build import Parts, build_parts
 from .plan import Lookahead, Planner, agree
-from .retry import forward_backward_with_retry
 from .._state import AccumulatorState, StepReport
 
 
@@ -109,7 +108,7 @@ class Window:
         Example:
             >>> window.backward(out.loss, num_items=int((labels != -100).sum()))  # doctest: +SKIP
         """
-        self._acc.micro_batch_backward(self, loss, num_items)
+        _backward.micro_batch(self._acc, self, loss, num_items)
         if not self._last:
             self._acc.stores.between()
 
@@ -128,7 +127,7 @@ class Window:
             ...     return model(**b).loss, int((b["labels"] != -100).sum())
             >>> window.forward_backward(batch, loss_fn)  # doctest: +SKIP
         """
-        self._acc.forward_backward(self, batch, loss_fn)
+        _backward.forward_backward(self._acc, self, batch, loss_fn)
         if not self._last:
             self._acc.stores.between()
 
@@ -210,7 +209,7 @@ class Accumulator(Parts):
         self._current: Optional[Window] = None
         self._generator: Optional[object] = None
         self.autocast_used = False
-        self._warned_autocast = False
+        self.warned_autocast = False
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -272,112 +271,6 @@ class Accumulator(Parts):
 
     def skip_sync(self) -> contextlib.AbstractContextManager:
         return self.parallel.skip_sync() if self.sync_control else contextlib.nullcontext()
-
-    # -- one micro-batch ----------------------------------------------------------------
-
-    def micro_batch_backward(self, window: Window, loss: torch.Tensor, num_items: Any) -> None:
-        """Backpropagate ``loss`` with its provisional weight (see ``gradaccum._weights``)."""
-        self.check_current(window)
-        st = self.state
-        if window.is_stand_in:
-            self._stand_in_backward(window, loss)
-            return
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(
-                f"loss must be a scalar tensor (the mean over the micro-batch's items); got {shape}. "
-                "Reduce it with .mean() or .sum() / num_items first."
-            )
-        if not loss.requires_grad:
-            raise ValueError("loss does not require grad: compute it from the model's output, outside torch.no_grad()")
-        if self.autocast_dtype is not None and not self.autocast_used and not self._warned_autocast:
-            self._warned_autocast = True
-            warnings.warn(f"precision={self.precision!r} but the forward ran outside window.autocast(): "
-                          "wrap the forward in `with window.autocast():` (backward stays outside)", stacklevel=3)
-        n, weighted = self.counts.items(num_items)
-        if st.micro_batches == 0 and self.parallel.world == 1:
-            # One process: the window's first micro-batch sets the scale, so a window of one
-            # micro-batch is exactly the plain step and equal full windows need no rescaling.
-            st.reference = n
-        elif st.reference is None:
-            # Across ranks the weights must share one reference: the mean of the ranks' first
-            # micro-batches, once; later windows reuse the last window's global mean.
-            st.reference = self._shared(n)
-        # The loss is a mean over n items; weight n/D makes the held gradient a sum over items
-        # (the mean of means is not the mean), and the boundary scale D/N makes it a mean.
-        weight = n / (st.reference * st.planned)
-        loss = loss.reshape(())
-        if self.scaler is not None:
-            self.scaler.scale(loss * weight).backward()
-        elif type(loss) is not torch.Tensor:  # a tensor subclass (DTensor) wants its own kind of seed
-            (loss * weight).backward()
-        else:
-            # Seeding backward with the weight is d(loss * weight)/d(loss) without a multiply
-            # node in the graph or the ones_like that a bare backward() makes.
-            loss.backward(self._seed(weight, loss))
-        self.stores.absorb()
-        st.weighted = weighted
-        st.micro_batches += 1
-        self.counts.record(loss, n)
-
-    def _shared(self, n: Any) -> Any:
-        if isinstance(n, torch.Tensor):
-            return self.parallel.all_sum(n.reshape(1).to(torch.float64))[0] / self.parallel.world
-        return self.parallel.all_sum([n])[0] / self.parallel.world
-
-    def _seed(self, weight: Any, loss: torch.Tensor) -> torch.Tensor:
-        """The weight as a tensor like ``loss``; kept while it repeats (equal micro-batches)."""
-        if isinstance(weight, torch.Tensor):
-            return weight.to(dtype=loss.dtype, device=loss.device).reshape(())
-        seed = self._last_seed
-        if seed is None or self._last_weight != weight or seed.dtype != loss.dtype or seed.device != loss.device:
-            seed = self._last_seed = torch.full((), weight, dtype=loss.dtype, device=loss.device)
-            self._last_weight = weight
-        return seed
-
-    def _stand_in_backward(self, window: Window, loss: torch.Tensor) -> None:
-        st = self.state
-        if st.reference is None:  # the other ranks make this all-reduce in their first backward
-            st.reference = self._shared(torch.zeros((), device=self.device) if self.counts.on_device else 0.0)
-        (loss.reshape(()) * 0.0).backward()  # runs the collectives; adds nothing
-        self.stores.absorb()
-        window.stand_ins += 1
-
-    def forward_backward(self, window: Window, batch: Any, loss_fn: Callable) -> None:
-        """See :meth:`Window.forward_backward`."""
-        self.check_current(window)
-        done = self.state.micro_batches
-        if not self.parallel.can_roll_back_oom:
-            self._forward_backward_once(window, batch, loss_fn)
-        else:
-            forward_backward_with_retry(self, window, batch, loss_fn)
-        self.state.micro_batches = done + (0 if window.is_stand_in else 1)  # the pieces are one micro-batch
-
-    def run_piece(self, window: Window, piece: Any, loss_fn: Callable) -> None:
-        with window.autocast():
-            out = loss_fn(piece)
-        if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            raise TypeError(
-                f"loss_fn must return (loss, num_items): the micro-batch's mean loss as a scalar tensor and "
-                f"the items it averages over (or None); it returned {type(out).__name__}"
-                + (f" of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else "")
-            )
-        self.micro_batch_backward(window, out[0], out[1])
-
-    def _forward_backward_once(self, window: Window, batch: Any, loss_fn: Callable) -> None:
-        # FSDP2: no retry. Announce the error so that ranks blocked in a collective stop too.
-        self.parallel.watch_for_oom()
-        try:
-            self.run_piece(window, batch, loss_fn)
-        except torch.OutOfMemoryError as exc:
-            message = (
-                f"out of memory on rank {self.parallel.rank} in a micro-batch of {_split.batch_size(batch)} "
-                f"item(s) under {self.parallel.name}, which gathers and reduces inside forward and backward, "
-                "so the attempt cannot be undone on one rank alone. Resume from the last checkpoint with a "
-                "smaller micro-batch (gradaccum train: --micro-batch, or a torchrun restart budget)"
-            )
-            self.parallel.announce_oom(message)
-            raise torch.OutOfMemoryError(message) from exc
 
     def abandon(self, window: Window) -> None:
         """Drop the open window without an update (after an error at its step)."""

@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from .accumulator import Accumulator, Window
 
 
-def forward_backward_with_retry(acc: "Accumulator", window: "Window", batch: Any, loss_fn: Callable) -> None:
+def forward_backward_with_retry(acc: "Accumulator", window: "Window", batch: Any, loss_fn: Callable,
+                                run: Callable) -> None:
+    """``run(acc, window, piece, loss_fn)`` for ``batch``, split in two on each OOM and retried."""
     st = acc.state
     if acc.parallel.world > 1 and not window.explicit_reduce:
         window.explicit_reduce = True  # a retried attempt must not have synchronised
@@ -28,7 +30,7 @@ def forward_backward_with_retry(acc: "Accumulator", window: "Window", batch: Any
     while pieces:
         piece = pieces.pop(0)
         try:
-            _attempt(acc, window, piece, loss_fn)
+            _attempt(acc, window, piece, loss_fn, run)
         except torch.OutOfMemoryError as exc:
             n = _split.batch_size(piece)
             if n is None or n <= 1:
@@ -43,13 +45,13 @@ def forward_backward_with_retry(acc: "Accumulator", window: "Window", batch: Any
                 torch.cuda.empty_cache()
 
 
-def _attempt(acc: "Accumulator", window: "Window", piece: Any, loss_fn: Callable) -> None:
+def _attempt(acc: "Accumulator", window: "Window", piece: Any, loss_fn: Callable, run: Callable) -> None:
     # Hold the gradients so far aside: the attempt writes fresh ones, which are kept only if
     # it finishes (an OOM in backward may have written some parameters already).
     held = acc.stores.take()
     try:
         with acc.skip_sync():
-            acc.run_piece(window, piece, loss_fn)
+            run(acc, window, piece, loss_fn)
     except BaseException:
         acc.stores.put_back(held)
         raise

@@ -1,0 +1,130 @@
+"""One micro-batch: its weight in the window, its backward, its stand-in, its retries.
+
+The loss is a mean over the micro-batch's n items; backpropagating it with weight n/D
+makes the held gradient a sum over items (the mean of means is not the mean), and the
+step's boundary scale D/N makes it the mean (see ``gradaccum._weights``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from .. import _split
+from .retry import forward_backward_with_retry
+
+if TYPE_CHECKING:
+    from .accumulator import Accumulator, Window
+
+
+def micro_batch(acc: "Accumulator", window: "Window", loss: torch.Tensor, num_items: Any) -> None:
+    """Backpropagate ``loss`` with its provisional weight (see ``gradaccum._weights``)."""
+    acc.check_current(window)
+    st = acc.state
+    if window.is_stand_in:
+        _stand_in(acc, window, loss)
+        return
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(
+            f"loss must be a scalar tensor (the mean over the micro-batch's items); got {shape}. "
+            "Reduce it with .mean() or .sum() / num_items first."
+        )
+    if not loss.requires_grad:
+        raise ValueError("loss does not require grad: compute it from the model's output, outside torch.no_grad()")
+    if acc.autocast_dtype is not None and not acc.autocast_used and not acc.warned_autocast:
+        acc.warned_autocast = True
+        warnings.warn(f"precision={acc.precision!r} but the forward ran outside window.autocast(): "
+                      "wrap the forward in `with window.autocast():` (backward stays outside)", stacklevel=3)
+    n, weighted = acc.counts.items(num_items)
+    if st.micro_batches == 0 and acc.parallel.world == 1:
+        # One process: the window's first micro-batch sets the scale, so a window of one
+        # micro-batch is exactly the plain step and equal full windows need no rescaling.
+        st.reference = n
+    elif st.reference is None:
+        # Across ranks the weights must share one reference: the mean of the ranks' first
+        # micro-batches, once; later windows reuse the last window's global mean.
+        st.reference = _shared(acc, n)
+    # The loss is a mean over n items; weight n/D makes the held gradient a sum over items
+    # (the mean of means is not the mean), and the boundary scale D/N makes it a mean.
+    weight = n / (st.reference * st.planned)
+    loss = loss.reshape(())
+    if acc.scaler is not None:
+        acc.scaler.scale(loss * weight).backward()
+    elif type(loss) is not torch.Tensor:  # a tensor subclass (DTensor) wants its own kind of seed
+        (loss * weight).backward()
+    else:
+        # Seeding backward with the weight is d(loss * weight)/d(loss) without a multiply
+        # node in the graph or the ones_like that a bare backward() makes.
+        loss.backward(_seed(acc, weight, loss))
+    acc.stores.absorb()
+    st.weighted = weighted
+    st.micro_batches += 1
+    acc.counts.record(loss, n)
+
+
+def _shared(acc: "Accumulator", n: Any) -> Any:
+    if isinstance(n, torch.Tensor):
+        return acc.parallel.all_sum(n.reshape(1).to(torch.float64))[0] / acc.parallel.world
+    return acc.parallel.all_sum([n])[0] / acc.parallel.world
+
+
+def _seed(acc: "Accumulator", weight: Any, loss: torch.Tensor) -> torch.Tensor:
+    """The weight as a tensor like ``loss``; kept while it repeats (equal micro-batches)."""
+    if isinstance(weight, torch.Tensor):
+        return weight.to(dtype=loss.dtype, device=loss.device).reshape(())
+    seed = acc._last_seed
+    if seed is None or acc._last_weight != weight or seed.dtype != loss.dtype or seed.device != loss.device:
+        seed = acc._last_seed = torch.full((), weight, dtype=loss.dtype, device=loss.device)
+        acc._last_weight = weight
+    return seed
+
+
+def _stand_in(acc: "Accumulator", window: "Window", loss: torch.Tensor) -> None:
+    st = acc.state
+    if st.reference is None:  # the other ranks make this all-reduce in their first backward
+        st.reference = _shared(acc, torch.zeros((), device=acc.device) if acc.counts.on_device else 0.0)
+    (loss.reshape(()) * 0.0).backward()  # runs the collectives; adds nothing
+    acc.stores.absorb()
+    window.stand_ins += 1
+
+
+def forward_backward(acc: "Accumulator", window: "Window", batch: Any, loss_fn: Callable) -> None:
+    """See :meth:`Window.forward_backward`."""
+    acc.check_current(window)
+    done = acc.state.micro_batches
+    if not acc.parallel.can_roll_back_oom:
+        _once(acc, window, batch, loss_fn)
+    else:
+        forward_backward_with_retry(acc, window, batch, loss_fn, run_piece)
+    acc.state.micro_batches = done + (0 if window.is_stand_in else 1)  # the pieces are one micro-batch
+
+
+def run_piece(acc: "Accumulator", window: "Window", piece: Any, loss_fn: Callable) -> None:
+    with window.autocast():
+        out = loss_fn(piece)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(
+            f"loss_fn must return (loss, num_items): the micro-batch's mean loss as a scalar tensor and "
+            f"the items it averages over (or None); it returned {type(out).__name__}"
+            + (f" of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else "")
+        )
+    micro_batch(acc, window, out[0], out[1])
+
+
+def _once(acc: "Accumulator", window: "Window", batch: Any, loss_fn: Callable) -> None:
+    # FSDP2: no retry. Announce the error so that ranks blocked in a collective stop too.
+    acc.parallel.watch_for_oom()
+    try:
+        run_piece(acc, window, batch, loss_fn)
+    except torch.OutOfMemoryError as exc:
+        message = (
+            f"out of memory on rank {acc.parallel.rank} in a micro-batch of {_split.batch_size(batch)} "
+            f"item(s) under {acc.parallel.name}, which gathers and reduces inside forward and backward, "
+            "so the attempt cannot be undone on one rank alone. Resume from the last checkpoint with a "
+            "smaller micro-batch (gradaccum train: --micro-batch, or a torchrun restart budget)"
+        )
+        acc.parallel.announce_oom(message)
+        raise torch.OutOfMemoryError(message) from exc
