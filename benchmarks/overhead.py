@@ -5,7 +5,7 @@ Same model, optimizer and in-memory micro-batches; the two loops alternate step 
 median seconds per optimizer step of each, their ratio, and the range of the ratio over
 blocks of steps. Target: ratio <= 1.03 on the MLP.
 
-    python benchmarks/overhead.py [--repeats 8] [--steps 100]
+    python benchmarks/overhead.py [--repeats 8] [--steps 100] [--cases mlp,transformer]
 """
 
 from __future__ import annotations
@@ -112,11 +112,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=8, help="blocks of steps, one ratio each")
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps per block for each loop")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads; 1 keeps a 2-core machine's noise down")
+    ap.add_argument("--cases", default="mlp,transformer", help="comma-separated: mlp, transformer")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    measure("MLP 784-256-10, micro-batch 32, k=8", mlp_case, 8, args.steps, args.repeats)
-    measure("transformer 2x128, 8x64 tokens, k=4", transformer_case, 4, max(5, args.steps // 10), args.repeats)
+    cases = args.cases.split(",")
+    if "mlp" in cases:
+        measure("MLP 784-256-10, micro-batch 32, k=8", mlp_case, 8, args.steps, args.repeats)
+    if "transformer" in cases:
+        measure("transformer 2x128, 8x64 tokens, k=4", transformer_case, 4, max(5, args.steps // 10), args.repeats)
 
 
 if __name__ == "__main__":

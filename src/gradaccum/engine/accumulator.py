@@ -67,15 +67,17 @@ class Window:
         return self._micro_batches()
 
     def _micro_batches(self) -> Iterator[Any]:
-        acc = self._acc
+        acc, planner = self._acc, self._acc.planner
+        final = self._count - 1
+        bare = not acc.sync_control  # one process (or sync every micro-batch): nothing to enter
         for i in range(self._count):
             if self.closed or self.finished is not None:
                 return
             acc.check_current(self)
-            batch, self.is_stand_in = acc.planner.next()
-            self._last = i == self._count - 1
-            if self._last and not self.explicit_reduce:
-                yield batch  # this micro-batch's backward is the one that synchronises
+            batch, self.is_stand_in = planner.next()
+            self._last = last = i == final
+            if bare or (last and not self.explicit_reduce):
+                yield batch  # the last micro-batch's backward is the one that synchronises
             else:
                 # Entered before the forward: DDP decides there whether the backward all-reduces.
                 with acc.skip_sync():

@@ -50,7 +50,8 @@ def micro_batch(acc: "Accumulator", window: "Window", loss: torch.Tensor, num_it
     # The loss is a mean over n items; weight n/D makes the held gradient a sum over items
     # (the mean of means is not the mean), and the boundary scale D/N makes it a mean.
     weight = n / (st.reference * st.planned)
-    loss = loss.reshape(())
+    if loss.dim():
+        loss = loss.reshape(())
     if acc.scaler is not None:
         acc.scaler.scale(loss * weight).backward()
     elif type(loss) is not torch.Tensor:  # a tensor subclass (DTensor) wants its own kind of seed

@@ -281,13 +281,15 @@ class Stores:
 
     def __init__(self, stores: list[DenseStore]):
         self.stores = [s for s in stores if s.params]
+        # The plain store does nothing per micro-batch: keep it off the hot path.
+        self.held_elsewhere = [s for s in self.stores if type(s) is not DenseStore]
 
     def absorb(self) -> None:
-        for s in self.stores:
+        for s in self.held_elsewhere:
             s.absorb()
 
     def between(self) -> None:
-        for s in self.stores:
+        for s in self.held_elsewhere:
             s.between()
 
     def take(self) -> list:
@@ -321,16 +323,17 @@ class Stores:
         for s in self.stores:
             s.load(grads)
 
-    def clear(self) -> None:
-        for s in self.stores:
+    def clear(self, dense: bool = True) -> None:
+        """Forget every held gradient (``dense=False``: ``.grad`` was already cleared)."""
+        for s in self.stores if dense else self.held_elsewhere:
             s.clear()
 
     def deferred(self) -> list[torch.Tensor]:
-        return [t for s in self.stores for t in s.deferred()]
+        return [t for s in self.held_elsewhere for t in s.deferred()]
 
     def check(self, values: list[float]) -> None:
         at = 0
-        for s in self.stores:
+        for s in self.held_elsewhere:
             n = len(s.deferred())
             s.check(values[at:at + n])
             at += n

@@ -47,6 +47,8 @@ def agree(counts: list[float]) -> int:
     >>> agree([4.0, 4.0])
     4
     """
+    if len(counts) == 1:  # one process: its own count
+        return max(int(counts[0]), 0)
     target = int(max(counts))
     missing = [r for r, c in enumerate(counts) if c < 0]
     if target > 0 and missing:
@@ -80,7 +82,8 @@ class Planner:
 
     def next(self) -> tuple[Any, bool]:
         """The next micro-batch and whether it is a stand-in."""
-        if self.batches.count(1):
-            self.stand_in = self.batches.pop()
+        batches = self.batches
+        if batches._ahead or batches.count(1):
+            self.stand_in = batches.pop()
             return self.stand_in, False
         return self.stand_in, True

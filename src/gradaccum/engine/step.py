@@ -41,6 +41,13 @@ def _rank_vector(world: int, rank: int, value: float) -> list[float]:
     return [float(value) if r == rank else 0.0 for r in range(world)]
 
 
+def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cuda":  # from pinned memory the copy does not wait for the device
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def finish(acc: "Accumulator", window: "Window") -> StepReport:
     """Leave the window's mean gradient in ``.grad`` (clipped) and report; no update yet."""
     st, dp, stores = acc.state, acc.parallel, acc.stores
@@ -48,12 +55,16 @@ def finish(acc: "Accumulator", window: "Window") -> StepReport:
         raise RuntimeError("step() on a window with no backward(): call window.backward(loss) for its micro-batches first")
     has_grad = stores.any_grad()
     ahead = acc.planner.local_count(_weights.resolve_steps(acc.steps, st.optimizer_step + 1))
-    extra = [float(st.micro_batches), float(has_grad)] + _rank_vector(dp.world, dp.rank, ahead)
+    # Layout of what is summed and read: items, loss sum, invalid counts (the counters),
+    # micro-batches, "has a gradient", each rank's micro-batches for the next window.
+    host = [float(st.micro_batches), float(has_grad)] + _rank_vector(dp.world, dp.rank, ahead)
     local = acc.counts.values()
-    if isinstance(local, torch.Tensor):
-        sums = dp.all_sum(torch.cat([local, torch.tensor(extra, dtype=torch.float64, device=local.device)]))
+    on_device = isinstance(local, torch.Tensor)
+    if on_device:
+        # One process keeps its host numbers on the host: copying them over would wait.
+        sums = dp.all_sum(torch.cat([local, _to_device(host, local.device)])) if dp.world > 1 else local
     else:
-        sums = dp.all_sum(local + extra)
+        sums = dp.all_sum(local + host)
     items_t = sums[0]  # a device tensor on the device path: never read here
     # Held: sum_i n_i * g_i / D. Times D / N (and the ranks DDP/FSDP average over) = the mean.
     scale = (st.reference * st.planned * dp.world) / items_t if isinstance(items_t, torch.Tensor) or items_t else 1.0
@@ -71,8 +82,10 @@ def finish(acc: "Accumulator", window: "Window") -> StepReport:
         # With the norm as a tensor: a non-finite norm makes NaNs, but that window is skipped.
         torch.nn.utils.clip_grads_with_norm_(acc.params, acc.max_grad_norm, norm_t, foreach=acc.foreach)
     checks = stores.deferred()
-    if isinstance(sums, torch.Tensor):  # the one host sync of the window
+    if on_device:  # the one host sync of the window
         read = torch.cat([sums, norm_t.detach().reshape(1).to(sums), *(c.reshape(1).to(sums) for c in checks)]).tolist()
+        if dp.world == 1:
+            read[3:3] = host
     else:
         read = list(sums) + [float(norm_t)] + [float(c) for c in checks]
     items, loss_sum, invalid, micro_batches, with_grad = read[:5]
@@ -116,7 +129,7 @@ def close(acc: "Accumulator", window: "Window") -> None:
     if not report.skipped and acc.scheduler is not None:
         acc.scheduler.step()
     acc.optimizer.zero_grad(set_to_none=True)
-    acc.stores.clear()
+    acc.stores.clear(dense=False)
     for norm in acc.window_norms:  # their running statistics move once per window
         norm.close_window()
     st = acc.state
