@@ -18,13 +18,22 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+DEADLINE = 240
+
+
 def spawn(fn, world: int, tmp_path, *args) -> list:
     """Run ``fn(rank, world, *args)`` in ``world`` processes; return each rank's result."""
     import torch.multiprocessing as mp
 
     store = os.path.join(str(tmp_path), "store")
     results = os.path.join(str(tmp_path), "result")
-    mp.spawn(_entry, args=(world, store, results, fn, args), nprocs=world, join=True)
+    ctx = mp.spawn(_entry, args=(world, store, results, fn, args), nprocs=world, join=False)
+    deadline = time.time() + DEADLINE
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:  # a hang is a failure, not a stalled suite
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"{fn.__name__} did not finish in {DEADLINE} s: a rank hangs")
     return [torch.load(f"{results}.{r}", weights_only=False) for r in range(world)]
 
 

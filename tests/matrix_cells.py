@@ -15,40 +15,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import gradaccum
-from reference import VOCAB, RecordingSGD, make_sequences, pad
+from reference import VOCAB, OOMAbove, RecordingSGD, make_sequences, pad
 
 PRECISIONS = ["fp32", "bf16", "fp16", "bf16-params"]
 FEATURES = ["counts", "oom_forward", "oom_backward", "resume", "compact", "clip", "partial", "uneven"]
 K = 3
 CLIP = 0.05
-
-
-class OOMAbove(torch.nn.Module):
-    """Raises out-of-memory in forward or backward for batches larger than ``limit``."""
-
-    def __init__(self, limit: int = 10**9, where: str = "forward"):
-        super().__init__()
-        self.limit, self.where, self.raised = limit, where, 0
-
-    def forward(self, x):
-        if self.where == "forward" and x.shape[0] > self.limit:
-            self.raised += 1
-            raise torch.OutOfMemoryError("injected: out of memory in forward")
-        return _BackwardOOM.apply(x, self) if self.where == "backward" else x
-
-
-class _BackwardOOM(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, owner):
-        ctx.owner = owner
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if grad.shape[0] > ctx.owner.limit:
-            ctx.owner.raised += 1
-            raise torch.OutOfMemoryError("injected: out of memory in backward")
-        return grad, None
 
 
 class CellLM(torch.nn.Module):

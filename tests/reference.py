@@ -106,3 +106,31 @@ class RecordingSGD(torch.optim.SGD):
             for g in self.param_groups for p in g["params"]
         ])
         return super().step(closure)
+
+
+class OOMAbove(torch.nn.Module):
+    """Raises out-of-memory in forward or backward for batches larger than ``limit``."""
+
+    def __init__(self, limit: int = 10**9, where: str = "forward"):
+        super().__init__()
+        self.limit, self.where, self.raised = limit, where, 0
+
+    def forward(self, x):
+        if self.where == "forward" and x.shape[0] > self.limit:
+            self.raised += 1
+            raise torch.OutOfMemoryError("injected: out of memory in forward")
+        return _BackwardOOM.apply(x, self) if self.where == "backward" else x
+
+
+class _BackwardOOM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, owner):
+        ctx.owner = owner
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad.shape[0] > ctx.owner.limit:
+            ctx.owner.raised += 1
+            raise torch.OutOfMemoryError("injected: out of memory in backward")
+        return grad, None

@@ -343,3 +343,15 @@ def test_compiled_model_trains_exactly_without_recompiling_per_window():
     assert graphs[0] >= 1 and graphs[-1] == graphs[0], graphs
     for got, want in zip(opt.seen, refs):
         assert rel_error(got, want) < 1e-5
+
+
+def test_forward_backward_says_what_loss_fn_must_return():
+    model = mlp()
+    acc = gradaccum.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=1)
+    for window in acc.windows(xy(1)):
+        for batch in window:
+            with pytest.raises(TypeError, match=r"loss_fn must return \(loss, num_items\).*Tensor of shape \(\)"):
+                window.forward_backward(batch, lambda b: F.cross_entropy(model(b[0]), b[1]))
+            assert all(p.grad is None for p in model.parameters())
+            window.forward_backward(batch, lambda b: (F.cross_entropy(model(b[0]), b[1]), len(b[1])))
+        assert not window.step().skipped

@@ -15,37 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import gradaccum
-from reference import RecordingSGD, f64_grads, rel_error
-
-
-class OOMAbove(torch.nn.Module):
-    """Raises out-of-memory in forward (or in backward) for batches larger than ``limit``."""
-
-    def __init__(self, limit: int, where: str):
-        super().__init__()
-        self.limit, self.where, self.raised = limit, where, 0
-
-    def forward(self, x):
-        if self.where == "forward" and x.shape[0] > self.limit:
-            self.raised += 1
-            raise torch.OutOfMemoryError("injected: out of memory in forward")
-        if self.where == "backward":
-            return _BackwardOOM.apply(x, self)
-        return x
-
-
-class _BackwardOOM(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, owner):
-        ctx.owner = owner
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if grad.shape[0] > ctx.owner.limit:
-            ctx.owner.raised += 1
-            raise torch.OutOfMemoryError("injected: out of memory in backward")
-        return grad, None
+from reference import OOMAbove, RecordingSGD, f64_grads, rel_error
 
 
 def model_with(where, limit=3):

@@ -248,7 +248,7 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
         model, optimizer, steps=k, scheduler=scheduler, max_grad_norm=cfg.max_grad_norm,
         precision=cfg.precision, accum_dtype=getattr(torch, cfg.accum_dtype) if cfg.accum_dtype else None,
         # The word embeddings' gradient is most of what accumulation holds through a forward.
-        compact_embedding_grads=world == 1,
+        compact_embedding_grads=True,
     )
     progress = {"epoch": 0, "consumed": 0, "train_seconds": 0.0, "evals": []}
     if ckpt_path is not None:
