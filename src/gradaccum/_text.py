@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 2, 4, 4, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 60, 60, 40
 
 
 def short(value: Any, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters: a message must stay readable whatever it quotes.
+    """A repr of ``value`` that stays short whatever it is: nested containers are cut while
+    they are written (a YAML alias bomb never becomes a huge string), then to ``limit``.
 
-    >>> print(short("x" * 100, limit=12))
-    'xxxxxxx...(102 chars)
+    >>> print(short("x" * 100))
+    'xxxxxxxxxxxxxxxxxxxxxxxxxxx...xxxxxxxxxxxxxxxxxxxxxxxxxxxx'
+    >>> len(short([[list(range(9))] * 9] * 9)) <= 80
+    True
     """
-    text = repr(value) if len(str(type(value))) < 200 else object.__repr__(value)
-    return text if len(text) <= limit else f"{text[:limit - 4]}...({len(text)} chars)"
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

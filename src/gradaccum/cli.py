@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
 import typing
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 
@@ -39,7 +41,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
-        kw: dict[str, Any] = {"dest": f.name, "help": f"{f.metadata['help']} (default: {f.default})"}
+        text = f.metadata["help"]
+        # A help text that explains its default says it once.
+        kw: dict[str, Any] = {"dest": f.name, "help": text if "default" in text else f"{text} (default: {f.default})"}
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
         args = typing.get_args(hint)
@@ -52,9 +56,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif type(None) in args:
             inner = next(a for a in args if a is not type(None))
             kw["type"] = _parse_optional(inner)
-            kw["metavar"] = inner.__name__.upper()
+            if "choices" not in kw:
+                kw["metavar"] = inner.__name__.upper()
         else:
             kw["type"] = hint
+        if f.metadata.get("metavar"):
+            kw["metavar"] = f.metadata["metavar"]
         parser.add_argument(flag, **kw)
 
 
@@ -88,12 +95,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         >>> main(["train", "--epochs", "1", "--train-limit", "64"])  # doctest: +SKIP
         0
     """
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    try:
+        parser = build_parser()
+        args = vars(parser.parse_args(argv))
+    except KeyboardInterrupt:
+        print("gradaccum: interrupted before anything started", file=sys.stderr)
+        return 130
     command = args.pop("command")
     body = {"train": _train, "plan": _plan, "verify": _verify}[command]
-    from .recipes.checkpoint import CheckpointError
-    from .recipes.config import ConfigError, read_config_file
+    from .recipes.config import CheckpointError, ConfigError, read_config_file
 
     try:
         values = read_config_file(args.pop("config")) if "config" in args else {}
@@ -103,6 +113,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"gradaccum {command}: error: {exc.name} is missing: pip install 'gradaccum[train]'", file=sys.stderr)
     except (ConfigError, CheckpointError) as exc:  # bad input: said before any training starts
         print(f"gradaccum {command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:  # before training started (during it, a checkpoint is written: 130 too)
+        print(f"gradaccum {command}: interrupted before training started; nothing was trained", file=sys.stderr)
+        return 130
     return 2
 
 
@@ -129,15 +142,20 @@ def _verify(values: dict[str, Any]) -> int:
 
 
 def _train(values: dict[str, Any]) -> int:
-    from .recipes import train
-    from .recipes.config import TrainConfig
+    from .recipes.config import TrainConfig, resume_config
 
+    # The options are checked before torch is even imported: bad input fails at once.
     if values.get("resume"):
-        cfg = train.resume_config(values.pop("resume"), values)
+        cfg = resume_config(values.pop("resume"), values)
     else:
         cfg = TrainConfig(**values)
+    from .recipes import train
+
+    # One run per output directory; under torchrun, rank 0 holds it for all.
+    lock = train.OutputLock(Path(cfg.out)) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
     try:
-        summary = train.run(cfg)
+        with lock:
+            summary = train.run(cfg)
     except train.Interrupted as exc:
         print(f"gradaccum train: {exc}", file=sys.stderr)
         return 130

@@ -12,17 +12,28 @@ import json
 import math
 import numbers
 from pathlib import Path
+import re
+import typing
 from typing import Any, Optional, Union
+
+from .._text import short
 
 TASKS = ("sentiment", "condition", "lm")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_RULES = ("none", "linear", "sqrt")
 ACCUM_DTYPES = ("float32", "float64")
 DATA_SUFFIXES = (".csv", ".tsv", ".jsonl")
+MAX_EFFECTIVE_BATCH = 1_000_000  # per rank; far beyond any dataset this command reads
+MAX_SEED = 2**63 - 1
+DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?")
 
 
 class ConfigError(ValueError):
     """A bad option: the message names it, says what was wrong and what is accepted."""
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint (or none can be written); the message says why and what to do."""
 
 
 def _field(default: Any, help: str, **kw: Any) -> Any:
@@ -41,7 +52,7 @@ class TrainConfig:
 
     effective_batch: int = _field(16, "samples per optimizer step on each rank; the window is exactly this batch")
     micro_batch: Union[int, str] = _field(4, "samples per forward/backward, or 'auto' (measured by gradaccum plan); k = ceil(effective / micro), the last micro-batch of a window takes the rest")
-    memory_budget: Optional[str] = _field(None, "memory for --micro-batch auto and gradaccum plan, e.g. 6GiB (default: what the device has free)")
+    memory_budget: Optional[str] = _field(None, "memory for --micro-batch auto and gradaccum plan, e.g. 6GiB (default: what the device has free)", metavar="SIZE")
     epochs: int = _field(5, "passes over the training data")
     max_steps: Optional[int] = _field(None, "stop after this many optimizer steps (also the LR schedule's horizon)")
     lr: float = _field(1e-4, "peak learning rate (AdamW), before --lr-scaling")
@@ -55,21 +66,27 @@ class TrainConfig:
     max_length: int = _field(128, "truncate texts to this many tokens")
     task: str = _field("sentiment", "sentiment (3 classes), condition (the most frequent medical conditions) or lm (a small GPT-2 on the review texts)", choices=TASKS)
     num_conditions: int = _field(5, "--task condition: keep this many most frequent conditions")
-    model: Optional[str] = _field(None, "a local Hugging Face model directory (default: the shipped all-MiniLM-L6-v2; for lm: a small GPT-2 built from a config)")
-    data: Optional[str] = _field(None, "a CSV, TSV or JSONL file to train on instead of the shipped drug reviews (20%% held out for evaluation)")
+    model: Optional[str] = _field(None, "a local Hugging Face model directory (default: the shipped all-MiniLM-L6-v2; for lm: a small GPT-2 built from a config)", metavar="DIR")
+    data: Optional[str] = _field(None, "a CSV, TSV or JSONL file to train on instead of the shipped drug reviews (20%% held out for evaluation)", metavar="FILE")
     text_field: str = _field("text", "--data: the column holding the text")
     label_field: str = _field("label", "--data: the column holding the label")
-    out: str = _field("runs/train", "output directory: metrics.csv, summary.json, loss.png, checkpoints")
+    out: str = _field("runs/train", "output directory: metrics.csv, summary.json, loss.png, checkpoints", metavar="DIR")
     seed: int = _field(0, "seed for the model head, data order and dropout")
     save_every: int = _field(50, "write a checkpoint every this many optimizer steps (0: only at the end)")
-    resume: Optional[str] = _field(None, "continue the run in this output directory from its last good checkpoint")
+    resume: Optional[str] = _field(None, "continue the run in this output directory from its last good checkpoint", metavar="DIR")
     tensorboard: bool = _field(False, "also write TensorBoard events to OUT/tensorboard (needs tensorboard installed)")
-    device: str = _field("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
+    device: str = _field("auto", "cpu, cuda, cuda:N, or auto (cuda when available)", metavar="DEVICE")
     train_limit: Optional[int] = _field(None, "use only the first N training examples (smoke tests)")
     eval_limit: Optional[int] = _field(None, "evaluate on only the first N evaluation examples")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _positive_int(self, "effective_batch", "epochs", "base_batch", "max_length", "num_conditions")
+        if self.effective_batch > MAX_EFFECTIVE_BATCH:
+            raise ConfigError(
+                f"--effective-batch {self.effective_batch} is more than {MAX_EFFECTIVE_BATCH:,} samples per step: "
+                "give the number of samples one optimizer step should see"
+            )
         if self.micro_batch != "auto":
             _positive_int(self, "micro_batch")
         _optional_positive_int(self, "max_steps", "train_limit", "eval_limit")
@@ -88,22 +105,22 @@ class TrainConfig:
         for name in ("weight_decay", "warmup"):
             value = getattr(self, name)
             if not _is_number(value) or value < 0:
-                raise ConfigError(f"{_flag(name)} must be a number >= 0; got {value!r}")
+                raise ConfigError(f"{_flag(name)} must be a number >= 0; got {short(value)}")
         if isinstance(self.warmup, float) and self.warmup >= 1 and not self.warmup.is_integer():
-            raise ConfigError(f"--warmup must be a fraction < 1 or a whole number of steps; got {self.warmup!r}")
+            raise ConfigError(f"--warmup must be a fraction < 1 or a whole number of steps; got {short(self.warmup)}")
         if not isinstance(self.save_every, int) or isinstance(self.save_every, bool) or self.save_every < 0:
-            raise ConfigError(f"--save-every must be an int >= 0 (0: only at the end); got {self.save_every!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"--seed must be an int; got {self.seed!r}")
+            raise ConfigError(f"--save-every must be an int >= 0 (0: only at the end); got {short(self.save_every)}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed must be an int from 0 to 2**63 - 1; got {short(self.seed)}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
-                raise ConfigError(f"{_flag(f.name)} must be one of {', '.join(choices)}; got {value!r}")
+                raise ConfigError(f"{_flag(f.name)} must be one of {', '.join(choices)}; got {short(value)}")
         if not isinstance(self.tensorboard, bool):
-            raise ConfigError(f"--tensorboard must be true or false; got {self.tensorboard!r}")
-        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
-            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+            raise ConfigError(f"--tensorboard must be true or false; got {short(self.tensorboard)}")
+        if not DEVICE.fullmatch(self.device):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {short(self.device)}")
         if self.data is not None:
             path = Path(self.data)
             if not path.is_file():
@@ -133,8 +150,45 @@ class TrainConfig:
         return d
 
 
+RESUMABLE_OVERRIDES = ("epochs", "max_steps", "save_every", "tensorboard", "device", "eval_limit")
+
+
+def resume_config(cfg_dir: str, overrides: dict[str, Any]) -> TrainConfig:
+    """The saved configuration of the run in ``cfg_dir``, with the few options a resume may change."""
+    if not isinstance(cfg_dir, str):
+        raise ConfigError(f"--resume must be text (a run's output directory); got {short(cfg_dir)}")
+    path = Path(cfg_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume {cfg_dir}: no config.json there; is it the --out of an earlier run?")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"--resume {cfg_dir}: its config.json is damaged ({short(str(exc), 120)}); "
+                          "restore it, or start a new run with another --out") from None
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(saved, dict) or set(saved) - fields:
+        unknown = sorted(map(str, set(saved) - fields)) if isinstance(saved, dict) else "not a table"
+        raise ConfigError(f"--resume {cfg_dir}: its config.json is not one this version wrote (unknown: {short(unknown)})")
+    if "out" in overrides and Path(overrides["out"]).resolve() != Path(cfg_dir).resolve():
+        raise ConfigError(
+            f"--out {short(overrides['out'])} with --resume {cfg_dir}: a resumed run continues in its own directory; "
+            "leave --out out (or give the same directory)"
+        )
+    for name, value in overrides.items():
+        if name in ("resume", "out"):
+            continue
+        if name not in RESUMABLE_OVERRIDES and saved.get(name) != value:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} cannot change on --resume (the run used {short(saved.get(name))}); "
+                f"only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE_OVERRIDES)} can"
+            )
+        saved[name] = value
+    saved["out"] = str(cfg_dir)
+    return TrainConfig(**saved, resume=str(cfg_dir))
+
+
 def check_model_dir(path: str) -> None:
-    """Fail unless ``path`` is a local Hugging Face model directory with weights."""
+    """Fail unless ``path`` is a local Hugging Face model directory with weights and no code."""
     p = Path(path)
     if not p.is_dir():
         raise ConfigError(f"--model {path}: no such directory (give a local Hugging Face model directory)")
@@ -143,6 +197,31 @@ def check_model_dir(path: str) -> None:
     weights = list(p.glob("*.safetensors")) + list(p.glob("pytorch_model*.bin"))
     if not weights:
         raise ConfigError(f"--model {path}: no weights in it (model.safetensors or pytorch_model.bin)")
+    for name in ("config.json", "tokenizer_config.json"):
+        if not (p / name).is_file():
+            continue
+        try:
+            settings = json.loads((p / name).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, OSError) as exc:
+            raise ConfigError(f"--model {path}: {name} is not readable JSON ({short(str(exc), 120)})") from None
+        # Code shipped with a model would run on load: this command never runs it.
+        if isinstance(settings, dict) and "auto_map" in settings:
+            raise ConfigError(
+                f"--model {path}: {name} asks to run the directory's own Python code (auto_map); gradaccum "
+                "never runs code from a model directory. Use a model of a built-in Transformers architecture"
+            )
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Every text option is text: a config file can put a number or a list anywhere."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(cfg):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        if hint is str or hint == Optional[str]:
+            if not (isinstance(value, str) or (value is None and hint != str)):
+                raise ConfigError(f"{_flag(f.name)} must be text; got {short(value)} ({type(value).__name__})")
+        elif hint == Union[int, str] and not (value == "auto" or (isinstance(value, int) and not isinstance(value, bool))):
+            raise ConfigError(f"{_flag(f.name)} must be a whole number or 'auto'; got {short(value)}")
 
 
 def _flag(name: str) -> str:
@@ -157,7 +236,7 @@ def _positive_int(cfg: TrainConfig, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{_flag(name)} must be an int >= 1; got {value!r}")
+            raise ConfigError(f"{_flag(name)} must be an int >= 1; got {short(value)}")
 
 
 def _optional_positive_int(cfg: TrainConfig, *names: str) -> None:
@@ -169,7 +248,7 @@ def _optional_positive_int(cfg: TrainConfig, *names: str) -> None:
 def _positive_number(cfg: TrainConfig, name: str) -> None:
     value = getattr(cfg, name)
     if not _is_number(value) or value <= 0:
-        raise ConfigError(f"{_flag(name)} must be a number > 0; got {value!r}")
+        raise ConfigError(f"{_flag(name)} must be a number > 0; got {short(value)}")
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -182,7 +261,12 @@ def read_config_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
     suffix = p.suffix.lower()
     try:
         if suffix == ".toml":
@@ -204,7 +288,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     except ConfigError:
         raise
     except Exception as exc:  # the parsers' own errors say where the file is wrong
-        raise ConfigError(f"--config {path}: cannot parse it: {exc}") from None
+        raise ConfigError(f"--config {path}: cannot parse it: {short(str(exc), 300)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a table of options at the top level")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -212,6 +296,6 @@ def read_config_file(path: str) -> dict[str, Any]:
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise ConfigError(f"--config {path}: unknown option {key!r}")
+            raise ConfigError(f"--config {path}: unknown option {short(key)}")
         out[name] = value
     return out

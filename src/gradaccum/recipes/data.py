@@ -7,11 +7,13 @@ import csv
 import dataclasses
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 
+from .._text import short
 from . import assets
 from .config import ConfigError, TrainConfig
 
@@ -72,12 +74,12 @@ def load_splits(cfg: TrainConfig) -> Splits:
         labels = sorted({r[label] for r in train_rows})
         unknown = sorted({r[label] for r in eval_rows} - set(labels))
         if unknown:
-            raise ConfigError(f"--data {cfg.data}: labels {unknown} occur only in the held-out part; add training rows for them")
+            raise ConfigError(f"--data {cfg.data}: labels {short(unknown)} occur only in the held-out part; add training rows for them")
     if len(labels) < 2:
-        raise ConfigError(f"--label-field {label!r}: a classifier needs at least 2 labels; found {labels}")
+        raise ConfigError(f"--label-field {short(label)}: a classifier needs at least 2 labels; found {short(labels)}")
     bad = sorted({r[label] for r in train_rows + eval_rows} - set(labels))
     if bad:
-        raise ConfigError(f"unknown labels {bad}: expected one of {labels}")
+        raise ConfigError(f"unknown labels {short(bad)}: expected one of {short(labels)}")
     ids = {name: i for i, name in enumerate(labels)}
     if not train_rows or not eval_rows:
         raise ConfigError("no training or evaluation examples left; check --train-limit, --eval-limit and the data")
@@ -88,25 +90,41 @@ def load_splits(cfg: TrainConfig) -> Splits:
 
 
 def _read_table(path: Path, cfg: TrainConfig) -> list[dict[str, str]]:
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which is not a column name.
+    rows, lines = [], []  # each row and the line of the file it starts on, for messages
     try:
-        with path.open(encoding="utf-8", newline="") as fh:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
             if path.suffix.lower() == ".jsonl":
-                rows = [json.loads(line) for line in fh if line.strip()]
+                for number, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as exc:
+                            raise ConfigError(f"--data {path}: line {number} is not JSON ({exc.msg}, column {exc.colno})") from None
+                        lines.append(number)
             else:
-                delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-                rows = list(csv.DictReader(fh, delimiter=delimiter))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"--data {path}: cannot read it: {exc}") from None
+                # A review can be long; texts are truncated to --max-length tokens anyway.
+                csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+                reader = csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+                start = 2
+                for row in reader:
+                    rows.append(row)
+                    lines.append(start)
+                    start = reader.line_num + 1
+    except csv.Error as exc:
+        raise ConfigError(f"--data {path}: not a readable CSV/TSV file: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--data {path}: cannot read it: {short(str(exc), 200)}") from None
     if len(rows) < 2:
         raise ConfigError(f"--data {path}: needs at least 2 rows; found {len(rows)}")
     needed = [("--text-field", cfg.text_field)] + ([] if cfg.task == "lm" else [("--label-field", cfg.label_field)])
     for flag, column in needed:
         missing = [i for i, r in enumerate(rows) if not isinstance(r, dict) or r.get(column) in (None, "")]
         if missing:
-            have = sorted(rows[0]) if isinstance(rows[0], dict) else []
+            have = sorted(map(str, rows[0])) if isinstance(rows[0], dict) else []
             raise ConfigError(
-                f"--data {path}: {flag} {column!r} is missing or empty in row {missing[0] + 1}; "
-                f"the columns are {have}"
+                f"--data {path}: {flag} {short(column)} is missing or empty on line {lines[missing[0]]}; "
+                f"the columns are {short(have, 200)}"
             )
     return [{k: str(v) for k, v in r.items()} for r in rows]
 

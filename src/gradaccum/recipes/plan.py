@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .._text import short
 from .config import ConfigError, TrainConfig
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
@@ -37,9 +38,9 @@ def parse_bytes(text: str) -> int:
     >>> parse_bytes("512MiB")
     536870912
     """
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(f"--memory-budget {text!r}: give a size such as 6GiB, 512MiB or 8GB")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(f"--memory-budget {short(text)}: give a size such as 6GiB, 512MiB or 8GB")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 

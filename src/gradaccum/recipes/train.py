@@ -20,31 +20,72 @@ from typing import Any, Callable, Optional
 import torch
 
 from .._lr import scale_lr
+from .._text import short
 from ..engine import Accumulator
 from . import assets, checkpoint, report
 from .config import ConfigError, TrainConfig, check_model_dir
 from .data import Batcher, count_items, count_windows, load_splits, majority_baseline, resolve_device, unigram_loss
 
-RESUMABLE_OVERRIDES = ("epochs", "max_steps", "save_every", "tensorboard", "device", "eval_limit")
 
 
-def resume_config(cfg_dir: str, overrides: dict[str, Any]) -> TrainConfig:
-    """The saved configuration of the run in ``cfg_dir``, with the few options a resume may change."""
-    path = Path(cfg_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"--resume {cfg_dir}: no config.json there; is it the --out of an earlier run?")
-    saved = json.loads(path.read_text())
-    for name, value in overrides.items():
-        if name in ("resume", "out"):
-            continue
-        if name not in RESUMABLE_OVERRIDES and saved.get(name) != value:
+class OutputLock:
+    """Holds ``OUT/.lock`` for the length of a run, so that two runs never write one directory.
+
+    Example:
+        >>> with OutputLock(Path("runs/train")):  # doctest: +SKIP
+        ...     run(cfg)
+    """
+
+    def __init__(self, out: Path):
+        self.out, self.fh, self.created = out, None, False
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        try:
+            self.created = not self.out.exists()
+            self.out.mkdir(parents=True, exist_ok=True)
+            fh = (self.out / ".lock").open("a+")
+        except OSError as exc:
+            raise ConfigError(f"--out {self.out}: cannot write there ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            owner = fh.read().strip() or "unknown"
+            fh.close()
             raise ConfigError(
-                f"--{name.replace('_', '-')} cannot change on --resume (the run used {saved.get(name)!r}); "
-                f"only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE_OVERRIDES)} can"
-            )
-        saved[name] = value
-    saved["out"] = str(cfg_dir)
-    return TrainConfig(**saved, resume=str(cfg_dir))
+                f"--out {self.out} is in use by another gradaccum run (process {owner}); wait for it to end, "
+                "or choose another --out"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self.fh = fh
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fh is None:
+            return
+        self.fh.close()  # closing releases the lock
+        # A run refused on its input leaves no trace: not even the directory it was to write.
+        if self.created and [p.name for p in self.out.iterdir()] == [".lock"]:
+            (self.out / ".lock").unlink()
+            self.out.rmdir()
+
+
+def check_optional_dependencies(cfg: TrainConfig) -> None:
+    """Every package the run will need, checked before the first step (not after training)."""
+    import importlib.util
+
+    needed = {"transformers": "transformers", "tqdm": "tqdm", "safetensors": "safetensors", "matplotlib": "matplotlib"}
+    if cfg.tensorboard:
+        needed["tensorboard"] = "tensorboard"
+    missing = [pkg for module, pkg in needed.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ConfigError(f"this run needs {', '.join(missing)}: pip install 'gradaccum[train]'"
+                          + (" tensorboard" if "tensorboard" in missing else ""))
 
 
 def _prepare_out(cfg: TrainConfig) -> Path:
@@ -77,22 +118,46 @@ def _build(cfg: TrainConfig, num_labels: int, labels: list[str]):
     model_dir = cfg.model or str(assets.default_model_dir())
     check_model_dir(model_dir)
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+        tok = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as exc:
-        raise ConfigError(f"--model {model_dir}: cannot load its tokenizer ({exc})") from None
+        raise ConfigError(f"--model {model_dir}: cannot load its tokenizer ({short(str(exc), 300)})") from None
     if tok.pad_token_id is None:
         if tok.eos_token is None:
             raise ConfigError(f"--model {model_dir}: its tokenizer has neither a padding nor an end-of-text token; add a pad_token to its tokenizer_config.json")
         tok.pad_token = tok.eos_token
-    if cfg.task == "lm":
-        return tok, transformers.AutoModelForCausalLM.from_pretrained(model_dir)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        model_dir, num_labels=num_labels, id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True,
-    )
-    if model.config.pad_token_id is None:
+    try:
+        if cfg.task == "lm":
+            model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
+        else:
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                model_dir, num_labels=num_labels, id2label=dict(enumerate(labels)),
+                label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True,
+                trust_remote_code=False,
+            )
+    except Exception as exc:  # truncated, foreign or pickled weights: say so, no traceback
+        raise ConfigError(f"--model {model_dir}: cannot load its weights ({short(str(exc), 300)})") from None
+    _check_vocabulary(model_dir, tok, model)
+    if cfg.task != "lm" and model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return tok, model
+
+
+def _check_vocabulary(model_dir: str, tok: Any, model: torch.nn.Module) -> None:
+    """A tokenizer that does not fit the embeddings trains on garbage: refuse it.
+
+    Without its files Transformers builds a tokenizer of a few special tokens, and every
+    word becomes the unknown token; with a larger one, ids run past the embedding table.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    size = len(tok)
+    if size > rows:
+        raise ConfigError(f"--model {model_dir}: its tokenizer has {size} tokens but the model embeds only {rows}: "
+                          "they do not belong together")
+    if size < rows // 2:
+        raise ConfigError(
+            f"--model {model_dir}: its tokenizer has only {size} tokens for an embedding of {rows} rows: the "
+            "tokenizer files (tokenizer.json, vocab.txt, vocab.json + merges.txt, ...) are missing or wrong"
+        )
 
 
 def _max_length(cfg: TrainConfig, tok: Any, model: torch.nn.Module) -> int:
@@ -194,6 +259,7 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
         >>> summary["eval"]["accuracy"]  # doctest: +SKIP
     """
     # -- everything that can fail on input happens before anything is trained or written
+    check_optional_dependencies(cfg)
     rank, world, device = _distributed(cfg)
     if rank != 0:
         log = _quiet
@@ -215,9 +281,10 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
     splits = load_splits(cfg)
     tok, model = _build(cfg, len(splits.labels), splits.labels)
     out = _prepare_out(cfg) if rank == 0 else Path(cfg.out)
+    if rank == 0:
+        checkpoint.recover(out)  # what an interrupted save left behind
     if world > 1:
         torch.distributed.barrier()  # the other ranks read what rank 0 prepared
-    ckpt_path = checkpoint.latest(out) if cfg.resume else None
 
     max_length = _max_length(cfg, tok, model)
 
@@ -251,15 +318,8 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
         compact_embedding_grads=True,
     )
     progress = {"epoch": 0, "consumed": 0, "train_seconds": 0.0, "evals": []}
-    if ckpt_path is not None:
-        state = checkpoint.load(ckpt_path, core)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        acc.load_state_dict(state["accumulator"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        progress = state["progress"]
-        log(f"resuming from {ckpt_path} (optimizer step {acc.state.optimizer_step})")
+    if cfg.resume:
+        progress = _restore(out, core, optimizer, scheduler, acc, log)
     metrics, tb = None, None
     if rank == 0:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -377,6 +437,33 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
+
+
+def _restore(out: Path, core: torch.nn.Module, optimizer: Any, scheduler: Any, acc: Accumulator,
+             log: Callable[[str], None]) -> dict[str, Any]:
+    """Load the newest checkpoint that loads whole; fall back past any that does not (another
+    model's shapes, a foreign or damaged state) to the previous one."""
+    reasons = []
+    for path in checkpoint.candidates(out):
+        try:
+            state = checkpoint.load(path, core)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            acc.load_state_dict(state["accumulator"])
+            progress = state["progress"]
+            if not isinstance(progress, dict) or {"epoch", "consumed", "train_seconds", "evals"} - set(progress):
+                raise ValueError("its progress record is incomplete")
+            torch.set_rng_state(state["rng"]["torch"])
+            random.setstate(state["rng"]["python"])
+        except Exception as exc:  # anything a damaged or foreign checkpoint can raise
+            reason = f"{type(exc).__name__}: {short(str(exc), 200)}"
+            reasons.append(f"{path.name}: {reason}")
+            print(f"gradaccum: checkpoint {path.name} cannot be loaded ({reason}); trying the previous one",
+                  file=sys.stderr)
+            continue
+        log(f"resuming from {path} (optimizer step {acc.state.optimizer_step})")
+        return progress
+    raise checkpoint.CheckpointError(f"no checkpoint in {out} can be loaded: {'; '.join(reasons)}")
 
 
 def _quiet(message: str) -> None:
