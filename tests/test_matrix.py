@@ -111,3 +111,40 @@ def test_fsdp2_mid_window_state(tmp_path):
     results = dist_workers.spawn(mc.ddp_or_fsdp_cells, 2, tmp_path / "b", "fsdp2", "fp32", ["resume"], True)
     for r in results:
         check(r["resume"], "resume", "fp32", 2, "fsdp2/fp32/resume (sync every micro-batch)")
+
+
+def test_fsdp2_oom_under_torchrun_restarts_with_the_smaller_split_and_ends_at_the_big_batch(tmp_path):
+    # Rank 0 runs out of memory in window 2; every rank stops, torchrun restarts both
+    # (--max-restarts 1), they load the checkpoint of window 1, split as the error said,
+    # and finish with the weights of plain SGD on each window's float64 big batch.
+    import os
+    import subprocess
+    import sys
+
+    from reference import rel_error
+
+    worker = os.path.join(os.path.dirname(__file__), "fsdp2_restart_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "--max-restarts", "1", "--monitor-interval", "0.5", worker, str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "out of memory on rank 0" in proc.stderr
+    final = torch.load(tmp_path / "final.pt", weights_only=False)
+    assert final["attempt"] == 1 and final["parts"] == 2 and final["steps"] == 2
+    per_rank = [mc.rank_data("counts", r, 2) for r in range(2)]
+    torch.manual_seed(0)
+    model = mc.CellLM().double()
+    for w in range(2):
+        batches = [b for data in per_rank for b in data[w * mc.K:(w + 1) * mc.K]]
+        model.zero_grad()
+        terms = [mc.mean_loss_terms(model, b) for b in batches]
+        (sum(t[0] for t in terms) / sum(t[1] for t in terms)).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.5 * p.grad
+    want = [p.detach() for p in model.parameters()]
+    got = [final["weights"][name] for name, _ in model.named_parameters()]
+    assert rel_error(got, want) < 1e-5

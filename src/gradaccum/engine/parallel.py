@@ -95,7 +95,8 @@ class FSDP2(_Ranks):
 
     name = "FSDP2"
     can_roll_back_oom = False
-    KEY = "gradaccum/out-of-memory"
+    # One key per torchrun attempt: a restarted run must not read the last attempt's news.
+    KEY = f"gradaccum/out-of-memory/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     EXIT_CODE = 75  # EX_TEMPFAIL: restart (torchrun --max-restarts) with a smaller micro-batch
 
     def __init__(self, model: torch.nn.Module):
