@@ -99,3 +99,16 @@ def test_mostly_dense_gradients_stay_dense():
     seen = []
     run(lm(vocab=37), batches, 2, True, probe=lambda j, w, m: seen.append(m.emb.weight.grad is not None))
     assert seen[0] is True
+
+
+def test_compact_rows_record_only_inside_their_window_loop():
+    # The lookup hooks outlive a loop: forwards outside it (evaluation, another accumulator)
+    # must not pile up in this accumulator's store.
+    torch.manual_seed(0)
+    model = TinyLM()
+    acc = gradaccum.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2,
+                                compact_embedding_grads=True)
+    store = acc.stores.held_elsewhere[0]
+    for _ in range(5):
+        model(torch.randint(0, 37, (4, 9))).sum().backward()
+    assert all(not ids for ids in store.ids.values())

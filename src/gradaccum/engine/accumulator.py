@@ -233,11 +233,13 @@ class Accumulator(Parts):
             )
         token = object()
         self._generator = token
+        self.stores.activate(True)
         try:
             yield from self._windows(loader)
         finally:
             if self._generator is token:
                 self._generator, self._current = None, None
+                self.stores.activate(False)
 
     def _windows(self, loader: Iterable[Any]) -> Iterator[Window]:
         st = self.state

@@ -170,12 +170,15 @@ class CompactStore(DenseStore):
         self.ids: dict[int, list[torch.Tensor]] = {j: [] for j in range(len(params))}
         self.dense: set[int] = set()  # parameters found used outside their lookups
         self.stray: Optional[torch.Tensor] = None
+        # Record only while this accumulator's windows() loop runs: the hooks live as long as
+        # the model, which may be evaluated, or trained by another accumulator, in between.
+        self.active = False
         where = {id(p): j for j, p in enumerate(params)}
         self.hooks = [m.register_forward_hook(self._recorder(where[id(m.weight)])) for m in modules]
 
     def _recorder(self, j: int):
         def record(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
+            if self.active and torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
                 self.ids[j].append(args[0].detach().reshape(-1))
         return record
 
@@ -305,6 +308,11 @@ class Stores:
 
     def any_grad(self) -> bool:
         return any(s.any_grad() for s in self.stores)
+
+    def activate(self, on: bool) -> None:
+        """Whether the stores watch forwards (a windows() loop is running)."""
+        for s in self.held_elsewhere:
+            s.active = on
 
     def materialize(self) -> None:
         for s in self.stores:
