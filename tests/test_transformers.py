@@ -187,5 +187,93 @@ def test_bad_items_fail_before_training(tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="items must be"):
         Trainer(model=bert_classifier(), args=args, items="words")
-    with pytest.raises(ValueError, match="items="):
-        Trainer(model=transformers.BertModel(bert_classifier().config), args=args)
+    # A model whose loss kind cannot be read off is not refused at construction (as stock).
+    Trainer(model=transformers.BertModel(bert_classifier().config), args=args)
+
+
+class OwnLossConfig(transformers.PretrainedConfig):
+    model_type = "own-loss-test"
+
+    def __init__(self, vocab_size=VOCAB, width=16, **kw):
+        super().__init__(**kw)
+        self.vocab_size, self.width = vocab_size, width
+
+
+class OwnLossModel(transformers.PreTrainedModel):
+    """A custom model with its own loss (a mean over samples) and a name that says nothing."""
+
+    config_class = OwnLossConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.emb = torch.nn.Embedding(config.vocab_size, config.width)
+        self.head = torch.nn.Linear(config.width, 3)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask, labels=None, **kwargs):
+        mask = attention_mask.unsqueeze(-1).float()
+        pooled = (self.emb(input_ids) * mask).sum(1) / mask.sum(1)
+        logits = self.head(torch.tanh(pooled))
+        loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return transformers.modeling_outputs.SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class PlainModule(torch.nn.Module):
+    """Not a PreTrainedModel at all: the stock Trainer trains it, so must ours."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.EmbeddingBag(VOCAB, 16, mode="mean")
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        mask = attention_mask.float()
+        pooled = (self.emb.weight[input_ids] * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        logits = self.head(pooled)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def own_loss_model(seed=0):
+    torch.manual_seed(seed)
+    return OwnLossModel(OwnLossConfig())
+
+
+def plain_module(seed=0):
+    torch.manual_seed(seed)
+    return PlainModule()
+
+
+@pytest.mark.parametrize("make", [own_loss_model, plain_module], ids=["custom PreTrainedModel", "nn.Module"])
+def test_models_whose_loss_kind_cannot_be_read_train_exactly_by_samples(tmp_path, make):
+    data, collate = variable_length_rows(30, causal=False), pad_collator(causal=False)
+    start = make()
+    big = train(transformers.Trainer, make(), data, collate, tmp_path, batch=12, k=1, own_mean=True)
+    with pytest.warns(UserWarning, match="weighed by its samples"):
+        exact = train(Trainer, make(), data, collate, tmp_path, batch=4, k=3)
+    step = moved(big, start)
+    assert step > 1e-3
+    assert max_diff(exact, big) < 1e-5 * step / 1e-3, max_diff(exact, big)
+
+
+def test_without_accumulation_it_is_the_stock_trainer_exactly(tmp_path):
+    data, collate = variable_length_rows(30, causal=False), pad_collator(causal=False)
+    for make in (bert_classifier, own_loss_model):
+        ours = train(Trainer, make(), data, collate, tmp_path / "ours", batch=4, k=1)
+        stock = train(transformers.Trainer, make(), data, collate, tmp_path / "stock", batch=4, k=1)
+        assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), stock.parameters()))
+
+
+def test_an_evaluation_only_trainer_and_model_init_are_accepted(tmp_path):
+    data, collate = variable_length_rows(12, causal=False), pad_collator(causal=False)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "e"), per_device_eval_batch_size=4, report_to=[],
+                                          use_cpu=True, disable_tqdm=True, gradient_accumulation_steps=3)
+    assert "eval_loss" in Trainer(model=own_loss_model(), args=args, eval_dataset=data, data_collator=collate).evaluate()
+    # model_init: no model at construction; the window's count is taken from the model it makes.
+    big = train(transformers.Trainer, own_loss_model(), data, collate, tmp_path, batch=12, k=1, own_mean=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "init"), per_device_train_batch_size=4, gradient_accumulation_steps=3,
+        num_train_epochs=1, learning_rate=5e-3, max_grad_norm=1.0, seed=7, report_to=[], save_strategy="no",
+        logging_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    trainer = Trainer(model_init=lambda: own_loss_model(), args=args, train_dataset=data, data_collator=collate, items="samples")
+    trainer.train()
+    assert max_diff(trainer.model, big) < 1e-5

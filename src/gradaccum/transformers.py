@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
@@ -115,7 +116,11 @@ class ExactAccumulationMixin:
     Mix in before the trainer class: ``class MyTrainer(ExactAccumulationMixin, SFTTrainer)``.
     The extra keyword ``items`` says how to count a micro-batch's items: ``"samples"``,
     ``"tokens"``, ``"causal-lm"`` or a function ``batch -> int``; by default it is read
-    off the model (:func:`item_kind`).
+    off the model (:func:`item_kind`) when training starts. A model whose head says nothing
+    (a custom ``PreTrainedModel``, a plain ``nn.Module``) is weighed by samples, with one
+    warning: exact when its loss is a mean over samples. With
+    ``gradient_accumulation_steps=1`` in one process nothing is counted and every step is
+    the stock ``Trainer``'s.
 
     Each window of ``gradient_accumulation_steps`` micro-batches then updates with the
     gradient of the mean over all its items (and all ranks): the update of one batch of
@@ -134,28 +139,34 @@ class ExactAccumulationMixin:
             # Older Trainers divide the loss by k behind our back; we would rather refuse than be wrong.
             raise ImportError(
                 f"gradaccum.transformers needs a transformers whose Trainer has loss_is_scaled_for_ga "
-                f"(5.19 or newer; tested with 5.23); this one is {transformers.__version__}: pip install -U transformers"
+                f"(5.19 or newer; tested with 5.24); this one is {transformers.__version__}: pip install -U transformers"
             )
-        super().__init__(*args, **kwargs)
         if not (items is None or callable(items) or items in KINDS):
             raise ValueError(f"items must be one of {KINDS}, a function batch -> int, or None; got {items!r}")
+        super().__init__(*args, **kwargs)
         self._items = items
-        self._count = self._counter()  # an unknown model fails here, before training starts
-        self._weights: dict[int, float] = {}
+        self._count: Optional[Callable[[Mapping[str, Any]], int]] = None  # known once training starts
+        self._weights: Optional[dict[int, float]] = None
         self._weight: Optional[float] = None
 
-    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, None]:
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if self.args.gradient_accumulation_steps == 1 and world == 1:
+            # Nothing to accumulate and nobody to count with: exactly the stock Trainer.
+            self._weights = None
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.args.n_gpu > 1:
             raise RuntimeError(
                 "exact accumulation needs one process per device: torch.nn.DataParallel splits each "
                 "micro-batch across GPUs behind the Trainer's back. Launch with torchrun instead."
             )
+        if self._count is None:
+            self._count = self._counter()
         counts = [self._count(b) for b in batches]
-        total, world = float(sum(counts)), 1
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        total = float(sum(counts))
+        if world > 1:
             # Every rank must divide by the items of the whole step, not its own share.
-            world = dist.get_world_size()
             t = torch.tensor([total], dtype=torch.float64, device=self.args.device)
             dist.all_reduce(t)
             total = float(t.item())
@@ -167,6 +178,8 @@ class ExactAccumulationMixin:
         return batches, None
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        if self._weights is None:  # one micro-batch per step in one process: the stock step
+            return super().training_step(model, inputs, num_items_in_batch)
         weight = self._weights.get(id(inputs))
         if weight is None:
             raise RuntimeError(
@@ -191,7 +204,19 @@ class ExactAccumulationMixin:
     def _counter(self) -> Callable[[Mapping[str, Any]], int]:
         if callable(self._items):
             return self._items
-        kind = self._items or item_kind(self.model)
+        kind = self._items
+        if kind is None:
+            try:
+                kind = item_kind(self.model)
+            except ValueError:
+                # A custom model: its loss is most often a mean over the batch's samples.
+                warnings.warn(
+                    f"cannot tell what {type(self.model).__name__}'s loss averages over, so each micro-batch "
+                    "is weighed by its samples (dim 0 of the labels, else of the inputs): exact when the loss "
+                    "is a mean over samples. Pass items='tokens', 'causal-lm' or a function batch -> int "
+                    "if it is not", stacklevel=3,
+                )
+                kind = "samples"
         return lambda batch: count_items(batch, kind)
 
 
