@@ -277,3 +277,82 @@ def test_an_evaluation_only_trainer_and_model_init_are_accepted(tmp_path):
     trainer = Trainer(model_init=lambda: own_loss_model(), args=args, train_dataset=data, data_collator=collate, items="samples")
     trainer.train()
     assert max_diff(trainer.model, big) < 1e-5
+
+
+def sum_over_count(outputs, labels, num_items_in_batch=None):
+    """A user loss written as the Trainer documentation shows: a sum over the window's count."""
+    return torch.nn.functional.cross_entropy(outputs["logits"], labels, reduction="sum") / num_items_in_batch
+
+
+def plain_mean(outputs, labels, num_items_in_batch=None):
+    """A user loss that ignores the count: a mean over the micro-batch."""
+    return torch.nn.functional.cross_entropy(outputs["logits"], labels)
+
+
+@pytest.mark.parametrize("loss_func", [sum_over_count, plain_mean], ids=["divides by num_items_in_batch", "mean"])
+def test_compute_loss_func_either_way_equals_the_big_batch(tmp_path, loss_func):
+    data, collate = variable_length_rows(30, causal=False), pad_collator(causal=False)
+    start = bert_classifier()
+    big = train(transformers.Trainer, bert_classifier(), data, collate, tmp_path, batch=12, k=1, own_mean=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "f"), per_device_train_batch_size=4, gradient_accumulation_steps=3,
+        num_train_epochs=1, learning_rate=5e-3, max_grad_norm=1.0, seed=7, report_to=[], save_strategy="no",
+        logging_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    model = bert_classifier()
+    Trainer(model=model, args=args, train_dataset=data, data_collator=collate, compute_loss_func=loss_func).train()
+    step = moved(big, start)
+    assert step > 1e-3
+    assert max_diff(model, big) < 1e-5 * step / 1e-3, max_diff(model, big)
+
+
+def _args(tmp_path, name, batch, k, **kw):
+    base = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=batch, gradient_accumulation_steps=k,
+                num_train_epochs=2, learning_rate=5e-3, max_grad_norm=1.0, seed=7, report_to=[], save_strategy="no",
+                logging_strategy="steps", logging_steps=1, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+                include_num_input_tokens_seen="non_padding")
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def test_logged_loss_steps_epochs_and_tokens_equal_the_big_batch(tmp_path):
+    data, collate = variable_length_rows(30, causal=False), pad_collator(causal=False)
+    runs = {}
+    for name, cls, batch, k in [("big", transformers.Trainer, 12, 1), ("exact", Trainer, 4, 3)]:
+        trainer = cls(model=bert_classifier(), args=_args(tmp_path, name, batch, k), train_dataset=data, data_collator=collate)
+        if name == "big":
+            trainer.model_accepts_loss_kwargs = False
+        trainer.train()
+        runs[name] = trainer.state
+    big, exact = runs["big"], runs["exact"]
+    assert exact.global_step == big.global_step == 6 and exact.epoch == big.epoch
+    assert exact.num_input_tokens_seen == big.num_input_tokens_seen
+    losses = {n: [h["loss"] for h in s.log_history if "loss" in h] for n, s in runs.items()}
+    assert len(losses["exact"]) == len(losses["big"]) == 6
+    assert losses["exact"] == pytest.approx(losses["big"], rel=1e-4)
+
+
+def test_early_stopping_and_a_resumed_run_match_the_big_batch(tmp_path):
+    data, collate = variable_length_rows(30, causal=False), pad_collator(causal=False)
+    evals = variable_length_rows(8, causal=False, seed=9)
+    stop = dict(eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+                metric_for_best_model="loss", greater_is_better=True, num_train_epochs=3)
+    final = {}
+    for name, cls, batch, k in [("big", transformers.Trainer, 12, 1), ("exact", Trainer, 4, 3)]:
+        callback = transformers.EarlyStoppingCallback(early_stopping_patience=1)
+        trainer = cls(model=bert_classifier(), args=_args(tmp_path, name, batch, k, **stop), train_dataset=data,
+                      eval_dataset=evals, data_collator=collate, callbacks=[callback])
+        if name == "big":
+            trainer.model_accepts_loss_kwargs = False
+        trainer.train()
+        final[name] = (trainer.state.global_step, trainer.model)
+    # greater_is_better on the loss stops as soon as the loss improves: both stop at the same step.
+    assert final["exact"][0] == final["big"][0] < 9
+    assert max_diff(final["exact"][1], final["big"][1]) < 1e-5
+    # Resume from the checkpoint at step 2 of the accumulated run: the same weights as straight.
+    straight = Trainer(model=bert_classifier(), args=_args(tmp_path, "straight", 4, 3, save_strategy="steps", save_steps=2,
+                       num_train_epochs=1), train_dataset=data, data_collator=collate)
+    straight.train()
+    resumed = Trainer(model=bert_classifier(seed=5), args=_args(tmp_path, "straight", 4, 3, num_train_epochs=1),
+                      train_dataset=data, data_collator=collate)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
+    assert max_diff(resumed.model, straight.model) < 1e-6

@@ -148,6 +148,8 @@ class ExactAccumulationMixin:
         self._count: Optional[Callable[[Mapping[str, Any]], int]] = None  # known once training starts
         self._weights: Optional[dict[int, float]] = None
         self._weight: Optional[float] = None
+        self._window_items, self._world = 0.0, 1
+        self._divides: Optional[bool] = None  # whether compute_loss_func divides by num_items_in_batch
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -174,6 +176,7 @@ class ExactAccumulationMixin:
             raise ValueError("a window with no items to learn from: every label of its micro-batches is -100")
         # Micro-batch i weighs n_i / N; times the world size because DDP averages over ranks.
         self._weights = {id(b): n * world / total for b, n in zip(batches, counts)}
+        self._window_items, self._world = total, world
         # None: nothing downstream may normalise by a window total the model may ignore.
         return batches, None
 
@@ -194,11 +197,32 @@ class ExactAccumulationMixin:
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        if self._weight is None:  # evaluation and prediction: the plain mean
+        if self._weight is None:  # evaluation, prediction, or the stock step
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
+        user_loss = self.compute_loss_func
+        divides: list[bool] = []
+        if user_loss is not None:
+            total = self._window_items
+
+            def with_window_count(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+                # Documented use: loss.sum() / num_items_in_batch, the window's count over all ranks.
+                loss = user_loss(outputs, labels, num_items_in_batch=total)
+                if self._divides is None:  # asked once: does the function divide by the count?
+                    again = user_loss(outputs, labels, num_items_in_batch=2 * total)
+                    self._divides = bool(torch.isclose(loss.detach().double(), 2 * again.detach().double(), rtol=1e-4))
+                divides.append(self._divides)
+                return loss
+
+            self.compute_loss_func = with_window_count
+        try:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
+        finally:
+            self.compute_loss_func = user_loss
         loss, outputs = result if return_outputs else (result, None)
-        loss = loss * self._weight  # this micro-batch's share of the window's mean
+        if divides and divides[0]:
+            loss = loss * self._world  # already its share of the window's mean; DDP averages over ranks
+        else:
+            loss = loss * self._weight  # a mean over this micro-batch: weigh it by its share
         return (loss, outputs) if return_outputs else loss
 
     def _counter(self) -> Callable[[Mapping[str, Any]], int]:
