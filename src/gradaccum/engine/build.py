@@ -68,6 +68,23 @@ def _check(model: Any, optimizer: Any, scheduler: Any, max_grad_norm: Any, preci
         raise ValueError(f"accum_dtype must be a floating torch.dtype such as torch.float32 or None; got {accum_dtype!r}")
 
 
+def _stores(model: torch.nn.Module, params: list[torch.Tensor], low: set[int], accum_dtype: Optional[torch.dtype],
+            compact: bool, sync_free: bool) -> list[DenseStore]:
+    """One store per way of holding: plain ``.grad``, fp32 buffers, compact embedding rows."""
+    where = {id(p): i for i, p in enumerate(params)}
+    modules = [m for m in embedding_modules(model) if id(m.weight) in where and where[id(m.weight)] not in low] \
+        if compact else []
+    rows = [where[id(m.weight)] for m in modules]
+    dense = [i for i in range(len(params)) if i not in low and i not in rows]
+    stores: list[DenseStore] = [DenseStore([params[i] for i in dense], dense)]
+    if low:
+        ordered = sorted(low)
+        stores.append(BufferStore([params[i] for i in ordered], ordered, accum_dtype))  # type: ignore[arg-type]
+    if modules:
+        stores.append(CompactStore([params[i] for i in rows], rows, modules, sync_free=sync_free))
+    return stores
+
+
 def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: Any, scheduler: Any,
                 max_grad_norm: Optional[float], precision: str, accum_dtype: Optional[torch.dtype],
                 sync_every_micro_batch: bool, compact_embedding_grads: bool, device_counts: Optional[bool]) -> None:
@@ -102,23 +119,12 @@ def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optim
             "compact_embedding_grads with an FSDP2 model: FSDP2 holds the deferred unsharded gradients "
             "inside its parameters, where no rows can be taken out; it already frees them per layer"
         )
-    compact_mods = [m for m in embedding_modules(model)] if compact_embedding_grads else []
-    where = {id(p): i for i, p in enumerate(params)}
-    compact_mods = [m for m in compact_mods if id(m.weight) in where and where[id(m.weight)] not in low]
-    compact_ids = {where[id(m.weight)] for m in compact_mods}
     on_device = device_counts if device_counts is not None else acc.device.type not in ("cpu", "meta")
-    dense = [i for i in range(len(params)) if i not in low and i not in compact_ids]
-    stores: list[DenseStore] = [DenseStore([params[i] for i in dense], dense)]
-    if low:
-        ordered = sorted(low)
-        stores.append(BufferStore([params[i] for i in ordered], ordered, accum_dtype))  # type: ignore[arg-type]
-    if compact_mods:
-        ordered = [where[id(m.weight)] for m in compact_mods]
-        stores.append(CompactStore([params[i] for i in ordered], ordered, compact_mods, sync_free=on_device))
+    stores = _stores(model, params, low, accum_dtype, compact_embedding_grads, on_device)
     acc.stores = Stores(stores)
     # DDP reduces .grad in the last backward; gradients held elsewhere (fp32 buffers, rows)
     # would miss it, so then the engine reduces the window's sum itself at the step.
-    acc.explicit_reduce = isinstance(dp, _parallel.DDP) and bool(low or compact_mods)
+    acc.explicit_reduce = isinstance(dp, _parallel.DDP) and bool(acc.stores.held_elsewhere)
     acc.state = AccumulatorState()
     acc.counts = DeviceCounts(acc.state, acc.device) if on_device else HostCounts(acc.state)
     acc.planner = Planner(Lookahead(()))

@@ -9,7 +9,7 @@ counts of every rank) is read in one go: one host sync per window on an accelera
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -48,23 +48,29 @@ def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def _sums(acc: "Accumulator", has_grad: bool) -> tuple[list[float], Any]:
+    """The window's numbers summed over ranks, as a device tensor on the device path.
+
+    Layout: items, loss sum, invalid counts (the counters), then the host numbers:
+    micro-batches, "has a gradient", each rank's micro-batches for the next window.
+    """
+    st, dp = acc.state, acc.parallel
+    ahead = acc.planner.local_count(_weights.resolve_steps(acc.steps, st.optimizer_step + 1))
+    host = [float(st.micro_batches), float(has_grad)] + _rank_vector(dp.world, dp.rank, ahead)
+    local = acc.counts.values()
+    if isinstance(local, torch.Tensor):
+        # One process keeps its host numbers on the host: copying them over would wait.
+        return host, (dp.all_sum(torch.cat([local, _to_device(host, local.device)])) if dp.world > 1 else local)
+    return host, dp.all_sum(local + host)
+
+
 def finish(acc: "Accumulator", window: "Window") -> StepReport:
     """Leave the window's mean gradient in ``.grad`` (clipped) and report; no update yet."""
     st, dp, stores = acc.state, acc.parallel, acc.stores
     if st.micro_batches == 0 and not window.stand_ins:
         raise RuntimeError("step() on a window with no backward(): call window.backward(loss) for its micro-batches first")
     has_grad = stores.any_grad()
-    ahead = acc.planner.local_count(_weights.resolve_steps(acc.steps, st.optimizer_step + 1))
-    # Layout of what is summed and read: items, loss sum, invalid counts (the counters),
-    # micro-batches, "has a gradient", each rank's micro-batches for the next window.
-    host = [float(st.micro_batches), float(has_grad)] + _rank_vector(dp.world, dp.rank, ahead)
-    local = acc.counts.values()
-    on_device = isinstance(local, torch.Tensor)
-    if on_device:
-        # One process keeps its host numbers on the host: copying them over would wait.
-        sums = dp.all_sum(torch.cat([local, _to_device(host, local.device)])) if dp.world > 1 else local
-    else:
-        sums = dp.all_sum(local + host)
+    host, sums = _sums(acc, has_grad)
     items_t = sums[0]  # a device tensor on the device path: never read here
     # Held: sum_i n_i * g_i / D. Times D / N (and the ranks DDP/FSDP average over) = the mean.
     scale = (st.reference * st.planned * dp.world) / items_t if isinstance(items_t, torch.Tensor) or items_t else 1.0
@@ -82,7 +88,7 @@ def finish(acc: "Accumulator", window: "Window") -> StepReport:
         # With the norm as a tensor: a non-finite norm makes NaNs, but that window is skipped.
         torch.nn.utils.clip_grads_with_norm_(acc.params, acc.max_grad_norm, norm_t, foreach=acc.foreach)
     checks = stores.deferred()
-    if on_device:  # the one host sync of the window
+    if isinstance(sums, torch.Tensor):  # the one host sync of the window
         read = torch.cat([sums, norm_t.detach().reshape(1).to(sums), *(c.reshape(1).to(sums) for c in checks)]).tolist()
         if dp.world == 1:
             read[3:3] = host
