@@ -54,6 +54,8 @@ class _Ranks(SingleProcess):
 
     def all_sum(self, values: Values) -> Values:
         """Sum over ranks in one small all-reduce (float64, so counts stay exact)."""
+        if self.world == 1:  # a group of one (a DDP model on one rank): nothing to sum with
+            return values
         on_device = isinstance(values, torch.Tensor)
         t = values if on_device else torch.tensor([float(v) for v in values], dtype=torch.float64)
         # gloo has no float64 reduction on CUDA tensors; NCCL has no CPU tensors.
@@ -76,6 +78,8 @@ class DDP(_Ranks):
 
     def reduce_grads(self, grads: list[torch.Tensor]) -> None:
         """Average ``grads`` over ranks in one flat all-reduce per dtype, as DDP would."""
+        if self.world == 1:
+            return
         groups: dict[tuple, list[torch.Tensor]] = {}
         for g in grads:
             groups.setdefault((g.device, g.dtype), []).append(g)
