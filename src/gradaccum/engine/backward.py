@@ -87,9 +87,14 @@ def _stand_in(acc: "Accumulator", window: "Window", loss: torch.Tensor) -> None:
     st = acc.state
     if st.reference is None:  # the other ranks make this all-reduce in their first backward
         st.reference = _shared(acc, torch.zeros((), device=acc.device) if acc.counts.on_device else 0.0)
-    (loss.reshape(()) * 0.0).backward()  # runs the collectives; adds nothing
-    acc.stores.absorb()
+    _add_nothing(acc, loss)
     window.stand_ins += 1
+
+
+def _add_nothing(acc: "Accumulator", loss: torch.Tensor) -> None:
+    """A zero-weight backward: its collectives pair with the other ranks', it adds nothing."""
+    (loss.reshape(()) * 0.0).backward()
+    acc.stores.absorb()
 
 
 def forward_backward(acc: "Accumulator", window: "Window", batch: Any, loss_fn: Callable) -> None:
@@ -112,9 +117,8 @@ def run_piece(acc: "Accumulator", window: "Window", piece: Any, loss_fn: Callabl
             f"the items it averages over (or None); it returned {type(out).__name__}"
             + (f" of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else "")
         )
-    if zero:  # a stand-in piece: its collectives run, it adds nothing
-        (out[0].reshape(()) * 0.0).backward()
-        acc.stores.absorb()
+    if zero:  # a stand-in piece
+        _add_nothing(acc, out[0])
         return
     micro_batch(acc, window, out[0], out[1])
 
