@@ -114,3 +114,37 @@ def uneven_windows(rank, world, windows_per_rank):
         return {"message": str(exc), "seconds": time.time() - t0, "steps": acc.state.optimizer_step}
     return {"message": None, "seconds": time.time() - t0, "steps": acc.state.optimizer_step,
             "weight": model.module.weight.detach().clone(), "last_grads": opt.seen[-1], "last_window": last_window}
+
+
+def cached_info_nce(rank, world, sizes_per_rank, k, gather=True):
+    """A DDP bi-encoder trained with encode/backward_encoded over gathered representations."""
+    from coupled import BiEncoder, info_nce, pair_batches
+
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(BiEncoder())
+    opt = RecordingSGD(model.parameters(), lr=0.0)
+    acc = gradaccum.Accumulator(model, opt, steps=k)
+    data = pair_batches(sizes_per_rank[rank], seed=100 + rank)
+    big = [0]
+    real_all_reduce = dist.all_reduce
+
+    def counting(tensor, *a, **kw):  # gradient all-reduces are the large ones
+        big[0] += tensor.numel() > 100
+        return real_all_reduce(tensor, *a, **kw)
+
+    dist.all_reduce = counting
+    reports = []
+    try:
+        for window in acc.windows(data):
+            reps = [window.encode(model, b) for b in window]
+            q, d = torch.cat([r[0] for r in reps]), torch.cat([r[1] for r in reps])
+            if gather:
+                q, d = window.gather(q), window.gather(d)
+            window.backward_encoded(info_nce(q, d, model.module.log_scale))
+            reports.append(window.step())
+    except RuntimeError as exc:
+        return {"message": str(exc)}
+    finally:
+        dist.all_reduce = real_all_reduce
+    return {"message": None, "seen": opt.seen, "gradient_all_reduces": big[0],
+            "stand_ins": [r.stand_ins for r in reports], "losses": [r.loss for r in reports]}

@@ -15,6 +15,7 @@ import torch
 
 from .. import _weights
 from . import backward as _backward
+from . import encoded as _encoded
 from . import step as _step
 from .build import Parts, build_parts
 from .plan import Lookahead, Planner, agree
@@ -51,6 +52,11 @@ class Window:
         self.scaled = False
         self.next_counts: list[float] = []
         self.items_per_micro_batch: Optional[float] = None
+        self.mode: Optional[str] = None  # "backward" or "encode", fixed by the first call
+        self.yielded = 0
+        self.encoded: list[_encoded.Entry] = []
+        self.encoded_done = False
+        self.gathered = False
 
     @property
     def planned(self) -> int:
@@ -75,6 +81,7 @@ class Window:
                 return
             acc.check_current(self)
             batch, self.is_stand_in = planner.next()
+            self.yielded += 1
             self._last = last = i == final
             if bare or (last and not self.explicit_reduce):
                 yield batch  # the last micro-batch's backward is the one that synchronises
@@ -110,6 +117,7 @@ class Window:
         Example:
             >>> window.backward(out.loss, num_items=int((labels != -100).sum()))  # doctest: +SKIP
         """
+        self._per_micro_batch()
         _backward.micro_batch(self._acc, self, loss, num_items)
         if not self._last:
             self._acc.stores.between()
@@ -129,9 +137,61 @@ class Window:
             ...     return model(**b).loss, int((b["labels"] != -100).sum())
             >>> window.forward_backward(batch, loss_fn)  # doctest: +SKIP
         """
+        self._per_micro_batch()
         _backward.forward_backward(self._acc, self, batch, loss_fn)
         if not self._last:
             self._acc.stores.between()
+
+    def _per_micro_batch(self) -> None:
+        if self.mode == "encode":
+            raise RuntimeError(
+                "window.backward() in a window that used window.encode(): a window either caches "
+                "representations (encode + backward_encoded) or backpropagates micro-batch losses, not both"
+            )
+        self.mode = "backward"
+
+    def encode(self, fn: Callable[[Any], Any], batch: Any) -> Any:
+        """``fn(batch)`` without a graph, as leaves that require grad; the RNG state is saved.
+
+        For losses that couple the window's items (in-batch negatives, contrastive losses):
+        compute the loss over every micro-batch's representations, then call
+        :meth:`backward_encoded` once. ``fn`` returns a tensor or a tuple/list/dict of
+        tensors and runs under :meth:`autocast`. A stand-in micro-batch returns zero rows.
+
+        Example:
+            >>> for window in acc.windows(loader):  # doctest: +SKIP
+            ...     reps = [window.encode(embed, batch) for batch in window]
+            ...     q = torch.cat([r[0] for r in reps]); d = torch.cat([r[1] for r in reps])
+            ...     window.backward_encoded(info_nce(window.gather(q), window.gather(d)))
+            ...     window.step()
+        """
+        return _encoded.encode(self._acc, self, fn, batch)
+
+    def backward_encoded(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` (a scalar over the window's encoded representations) to
+        them, then re-encode each micro-batch with its saved RNG state and backpropagate the
+        representations' gradients into the model. Once per window, after every encode.
+
+        The gradient handed to the optimizer is the gradient of ``loss`` itself, as if the
+        window had been one big batch. Under DDP compute ``loss`` over :meth:`gather`'s
+        output, the same on every rank.
+
+        Example:
+            >>> window.backward_encoded(info_nce(q, d))  # doctest: +SKIP
+        """
+        _encoded.backward_encoded(self._acc, self, loss)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of ``x`` in rank order (differentiable); ``x`` itself in one process.
+
+        Ranks may hold different numbers of rows. Every rank must then compute the same loss
+        from the gathered tensors: the gradient of a rank's rows is its slice of that loss's
+        gradient.
+
+        Example:
+            >>> all_q = window.gather(torch.cat(queries))  # doctest: +SKIP
+        """
+        return _encoded.gather(self._acc, self, x)
 
     def finish(self) -> StepReport:
         """Leave the window's mean gradient in ``.grad`` (rescaled, reduced, unscaled, clipped)

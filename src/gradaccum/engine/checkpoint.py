@@ -27,6 +27,12 @@ def snapshot(acc: "Accumulator") -> dict[str, Any]:
             "inside its own parameters, out of reach. Save at a window boundary (after window.step()), "
             "or build the Accumulator with sync_every_micro_batch=True"
         )
+    window = getattr(acc, "_current", None)
+    if window is not None and window.encoded:
+        raise RuntimeError(
+            "state_dict() between window.encode() and window.backward_encoded(): the cached "
+            "representations cannot be saved. Save at a window boundary (after window.step())"
+        )
     acc.counts.settle()
     saved = AccumulatorState(**{f.name: _number(getattr(st, f.name)) for f in dataclasses.fields(st) if f.name != "grads"})
     if st.micro_batches:

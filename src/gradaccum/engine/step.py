@@ -67,6 +67,8 @@ def _sums(acc: "Accumulator", has_grad: bool) -> tuple[list[float], Any]:
 def finish(acc: "Accumulator", window: "Window") -> StepReport:
     """Leave the window's mean gradient in ``.grad`` (clipped) and report; no update yet."""
     st, dp, stores = acc.state, acc.parallel, acc.stores
+    if window.mode == "encode" and not window.encoded_done:
+        raise RuntimeError("step() after window.encode() without window.backward_encoded(loss): call it once, after the last encode")
     if st.micro_batches == 0 and not window.stand_ins:
         raise RuntimeError("step() on a window with no backward(): call window.backward(loss) for its micro-batches first")
     has_grad = stores.any_grad()
