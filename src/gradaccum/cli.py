@@ -106,9 +106,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .recipes.config import CheckpointError, ConfigError, read_config_file
 
     try:
+        from .recipes.config import with_task_defaults
+
         values = read_config_file(args.pop("config")) if "config" in args else {}
         values.update(args)
-        return body(values)
+        return body(values if values.get("resume") else with_task_defaults(values))
     except ImportError as exc:
         print(f"gradaccum {command}: error: {exc.name} is missing: pip install 'gradaccum[train]'", file=sys.stderr)
     except (ConfigError, CheckpointError) as exc:  # bad input: said before any training starts
@@ -155,7 +157,12 @@ def _train(values: dict[str, Any]) -> int:
     lock = train.OutputLock(Path(cfg.out)) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
     try:
         with lock:
-            summary = train.run(cfg)
+            if cfg.task == "retrieval":
+                from .recipes import retrieval
+
+                summary = retrieval.run(cfg)
+            else:
+                summary = train.run(cfg)
     except train.Interrupted as exc:
         print(f"gradaccum train: {exc}", file=sys.stderr)
         return 130
@@ -168,7 +175,10 @@ def _print_summary(s: dict[str, Any]) -> None:
     ev, base = s["eval"], s["baseline"]
     print(f"done: {s['optimizer_steps']} optimizer steps, effective batch {s['effective_batch']} "
           f"(micro-batch {s['micro_batch']} x k {s['k']} x {s['world_size']} rank(s)), {s['train_seconds']:.0f} s")
-    if "accuracy" in ev:
+    if "mrr" in ev:
+        print(f"eval: accuracy@1 {ev['accuracy@1']:.3f}, MRR {ev['mrr']:.3f} over {s['num_conditions']} conditions   "
+              f"untuned model: accuracy@1 {base['accuracy@1']:.3f}, MRR {base['mrr']:.3f}")
+    elif "accuracy" in ev:
         print(f"eval: accuracy {ev['accuracy']:.3f}, macro-F1 {ev['macro_f1']:.3f}   "
               f"majority baseline ({base['label']}): accuracy {base['accuracy']:.3f}, macro-F1 {base['macro_f1']:.3f}")
     else:

@@ -18,7 +18,10 @@ from typing import Any, Optional, Union
 
 from .._text import short
 
-TASKS = ("sentiment", "condition", "lm")
+TASKS = ("sentiment", "condition", "lm", "retrieval")
+NEGATIVES = ("window", "micro-batch")
+# Defaults that differ by task; a value given on the command line or in --config wins.
+TASK_DEFAULTS = {"retrieval": {"effective_batch": 64, "micro_batch": 8, "lr": 5e-5, "epochs": 2}}
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_RULES = ("none", "linear", "sqrt")
 ACCUM_DTYPES = ("float32", "float64")
@@ -64,7 +67,8 @@ class TrainConfig:
     precision: str = _field("fp32", "autocast precision; fp16 adds a GradScaler", choices=PRECISIONS)
     accum_dtype: Optional[str] = _field(None, "sum gradients of lower-precision parameters in this dtype", choices=ACCUM_DTYPES)
     max_length: int = _field(128, "truncate texts to this many tokens")
-    task: str = _field("sentiment", "sentiment (3 classes), condition (the most frequent medical conditions) or lm (a small GPT-2 on the review texts)", choices=TASKS)
+    task: str = _field("sentiment", "sentiment (3 classes), condition (the most frequent medical conditions), lm (a small GPT-2 on the review texts) or retrieval (a bi-encoder: review -> its condition, in-batch negatives; defaults: effective batch 64, micro-batch 8, lr 5e-5, 2 epochs)", choices=TASKS)
+    negatives: str = _field("window", "--task retrieval: in-batch negatives from the whole window (exact, through window.encode) or from each micro-batch only (plain accumulation, for comparison)", choices=NEGATIVES)
     num_conditions: int = _field(5, "--task condition: keep this many most frequent conditions")
     model: Optional[str] = _field(None, "a local Hugging Face model directory (default: the shipped all-MiniLM-L6-v2; for lm: a small GPT-2 built from a config)", metavar="DIR")
     data: Optional[str] = _field(None, "a CSV, TSV or JSONL file to train on instead of the shipped drug reviews (20%% held out for evaluation)", metavar="FILE")
@@ -185,6 +189,17 @@ def resume_config(cfg_dir: str, overrides: dict[str, Any]) -> TrainConfig:
         saved[name] = value
     saved["out"] = str(cfg_dir)
     return TrainConfig(**saved, resume=str(cfg_dir))
+
+
+def with_task_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the task's own defaults filled in where no value was given.
+
+    >>> with_task_defaults({"task": "retrieval", "epochs": 1})["micro_batch"]
+    8
+    """
+    task = values.get("task")
+    defaults = TASK_DEFAULTS.get(task, {}) if isinstance(task, str) else {}
+    return {**defaults, **values}
 
 
 def check_model_dir(path: str) -> None:
