@@ -148,3 +148,24 @@ def cached_info_nce(rank, world, sizes_per_rank, k, gather=True):
         dist.all_reduce = real_all_reduce
     return {"message": None, "seen": opt.seen, "gradient_all_reduces": big[0],
             "stand_ins": [r.stand_ins for r in reports], "losses": [r.loss for r in reports]}
+
+
+def token_budget_lm(rank, world):
+    """A DDP TinyLM over token-budget windows: each rank's windows are cut on its own."""
+    from gradaccum.data import TokenBudgetSampler
+    from reference import make_sequences
+
+    seqs = make_sequences(50, seed=8, lo=2, hi=40)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(TinyLM())
+    opt = RecordingSGD(model.parameters(), lr=0.0)
+    sampler = TokenBudgetSampler([len(s) for s in seqs], window=8, max_tokens=60, seed=3)
+    acc = gradaccum.Accumulator(model, opt, steps=sampler)
+    loader = torch.utils.data.DataLoader(seqs, batch_sampler=sampler, collate_fn=list)
+    for window in acc.windows(loader):
+        for batch in window:
+            loss, n = lm_mean_loss(model, batch)
+            window.backward(loss, num_items=n)
+        window.step()
+    return {"seen": opt.seen, "plan": [len(w) for w in sampler.windows()],
+            "windows": [[i for mb in w for i in mb] for w in sampler.windows()]}

@@ -234,7 +234,7 @@ def test_ctrl_c_during_start_up_exits_130_without_a_traceback(tmp_path, monkeypa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(data, "load_splits", interrupted)
-    monkeypatch.setattr("gradaccum.recipes.train.load_splits", interrupted)
+    monkeypatch.setattr("gradaccum.recipes.model.load_splits", interrupted)
     assert main(["train", "--out", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
     assert "interrupted before training started" in err and "Traceback" not in err

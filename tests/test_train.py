@@ -44,7 +44,9 @@ def test_end_to_end_tiny_subset(tmp_path, capsys):
     assert (out / "loss.png").stat().st_size > 1000
     ckpt = sorted((out / "checkpoints").iterdir())[-1]
     assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "state.pt", "manifest.json"}
-    assert "majority baseline" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "majority class" in printed and "TF-IDF + logistic regression" in printed and "padded per real" in printed
+    assert {"accuracy", "macro_f1"} <= set(s["tfidf_baseline"]) and s["tokens"]["real"] <= s["tokens"]["padded"]
 
 
 def test_help_documents_every_option_with_its_default():

@@ -30,12 +30,12 @@ def check_steps(steps: object) -> StepsLike:
     >>> check_steps(4)
     4
     """
-    if callable(steps):
+    if callable(steps) or callable(getattr(steps, "window_plan", None)):
         return steps  # type: ignore[return-value]
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(
-            f"steps must be a positive int (micro-batches per optimizer step) or a callable "
-            f"optimizer_step -> int; got {steps!r} of type {type(steps).__name__}"
+            f"steps must be a positive int (micro-batches per optimizer step), a callable "
+            f"optimizer_step -> int, or a sampler with window_plan() (gradaccum.data.TokenBudgetSampler); got {steps!r} of type {type(steps).__name__}"
         )
     if steps < 1:
         raise ValueError(f"steps must be >= 1 (micro-batches per optimizer step); got {steps}")

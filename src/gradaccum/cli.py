@@ -173,14 +173,22 @@ def _train(values: dict[str, Any]) -> int:
 
 def _print_summary(s: dict[str, Any]) -> None:
     ev, base = s["eval"], s["baseline"]
+    cut = (f"windows cut at {s['max_tokens']} padded tokens" if s.get("max_tokens")
+           else f"micro-batch {s['micro_batch']} x k {s['k']}")
     print(f"done: {s['optimizer_steps']} optimizer steps, effective batch {s['effective_batch']} "
-          f"(micro-batch {s['micro_batch']} x k {s['k']} x {s['world_size']} rank(s)), {s['train_seconds']:.0f} s")
+          f"({cut}, {s['world_size']} rank(s)), {s['train_seconds']:.0f} s of training")
+    if s.get("tokens"):
+        t = s["tokens"]
+        print(f"tokens: {t['real']} real, {t['padded']} with padding ({t['padded_per_real']:.2f} padded per real)")
     if "mrr" in ev:
         print(f"eval: accuracy@1 {ev['accuracy@1']:.3f}, MRR {ev['mrr']:.3f} over {s['num_conditions']} conditions   "
               f"untuned model: accuracy@1 {base['accuracy@1']:.3f}, MRR {base['mrr']:.3f}")
     elif "accuracy" in ev:
-        print(f"eval: accuracy {ev['accuracy']:.3f}, macro-F1 {ev['macro_f1']:.3f}   "
-              f"majority baseline ({base['label']}): accuracy {base['accuracy']:.3f}, macro-F1 {base['macro_f1']:.3f}")
+        print(f"eval: accuracy {ev['accuracy']:.3f}, macro-F1 {ev['macro_f1']:.3f}")
+        print(f"  majority class ({base['label']}): accuracy {base['accuracy']:.3f}, macro-F1 {base['macro_f1']:.3f}")
+        if "tfidf_baseline" in s:
+            tf = s["tfidf_baseline"]
+            print(f"  TF-IDF + logistic regression: accuracy {tf['accuracy']:.3f}, macro-F1 {tf['macro_f1']:.3f}")
     else:
         print(f"eval: loss {ev['loss']:.3f} (perplexity {ev['perplexity']:.1f})   unigram baseline: loss {base['loss']:.3f}")
     print(f"outputs in {s['config']['out']}: summary.json, metrics.csv, loss.png, checkpoints/")

@@ -8,7 +8,6 @@ stores (``grads``), counters (``counts``), the window planner (``plan``) and the
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
@@ -19,7 +18,7 @@ from . import encoded as _encoded
 from . import step as _step
 from .build import Parts, build_parts
 from .plan import Lookahead, Planner, agree
-from .._state import AccumulatorState, StepReport
+from .._state import StepReport
 
 
 class Window:
@@ -236,7 +235,8 @@ class Accumulator(Parts):
         model: the module being trained (may be DDP- or FSDP2-wrapped).
         optimizer: its optimizer; its parameters are the ones rescaled, clipped, stepped.
         steps: micro-batches per optimizer step, an int >= 1 or a callable
-            ``optimizer_step -> int`` evaluated when each window opens.
+            ``optimizer_step -> int`` evaluated when each window opens, or a sampler that
+            cuts the windows itself (:class:`gradaccum.data.TokenBudgetSampler`).
         scheduler: learning-rate scheduler, stepped once per update, never per micro-batch.
         max_grad_norm: clip the accumulated gradient to this total norm (after unscaling).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (+ GradScaler): the dtype of
@@ -270,6 +270,8 @@ class Accumulator(Parts):
                     sync_every_micro_batch, compact_embedding_grads, device_counts)
         self._current: Optional[Window] = None
         self._generator: Optional[object] = None
+        self._plan: Optional[list[int]] = None
+        self._pass_window = 0
         self.autocast_used = False
         self.warned_autocast = False
 
@@ -304,13 +306,27 @@ class Accumulator(Parts):
     def _windows(self, loader: Iterable[Any]) -> Iterator[Window]:
         st = self.state
         self.planner = Planner(Lookahead(loader), self.planner.stand_in)
+        # A sampler that cuts windows itself (token budget) says how many micro-batches each has.
+        self._plan = list(self.steps.window_plan()) if hasattr(self.steps, "window_plan") else None
+        self._pass_window = 0
         pending = st.micro_batches > 0
-        k = (st.planned or _weights.resolve_steps(self.steps, st.optimizer_step)) - st.micro_batches
+        k = st.planned - st.micro_batches if pending else self.planned_ahead(0)
+        if pending and self._plan is not None:
+            if k == 0:
+                self._pass_window = -1  # the loaded window is complete: the plan starts at the next one
+            elif not self._plan or self._plan[0] != k:
+                raise ValueError(
+                    f"the loaded window has {k} micro-batch(es) to go but the sampler's plan starts with "
+                    f"{self._plan[:1]}: resume the sampler where the checkpoint was taken "
+                    "(sampler.set_epoch(epoch, start=micro-batches consumed in that epoch))"
+                )
         self.planner.target = self.agree(self.parallel.all_sum(
             _step._rank_vector(self.parallel.world, self.parallel.rank, self.planner.local_count(k))))
         while self.planner.target > 0 or pending:
             if st.planned == 0:
-                st.planned = _weights.resolve_steps(self.steps, st.optimizer_step)
+                # Planned micro-batches set the provisional weights: the same number on every rank.
+                st.planned = self.planner.target if self._plan is not None else self.planned_ahead(0)
+            self.planner.open()
             window = self._current = Window(self, self.planner.target)
             pending = False
             yield window
@@ -319,6 +335,14 @@ class Accumulator(Parts):
                     "window.step() was not called before the next window: call it once after "
                     "the window's micro-batches, or its gradients would leak into the next update"
                 )
+            self._pass_window += 1
+
+    def planned_ahead(self, ahead: int) -> int:
+        """This rank's planned micro-batches for the window ``ahead`` windows after the open one."""
+        if self._plan is None:
+            return _weights.resolve_steps(self.steps, self.state.optimizer_step + ahead)
+        i = self._pass_window + ahead
+        return self._plan[i] if i < len(self._plan) else 0
 
     def agree(self, counts: list[float]) -> int:
         """The next window's micro-batch count, the same on every rank."""

