@@ -5,7 +5,10 @@ Same model, optimizer and in-memory micro-batches; the two loops alternate step 
 median seconds per optimizer step of each, their ratio, and the range of the ratio over
 blocks of steps. Target: ratio <= 1.03 on the MLP.
 
-    python benchmarks/overhead.py [--repeats 8] [--steps 100] [--cases mlp,transformer]
+    python benchmarks/overhead.py [--repeats 8] [--steps 100] [--cases mlp,transformer,accelerate]
+
+``accelerate``: the same MLP in a loop written for Accelerate (``accelerator.accumulate``,
+``accelerator.backward``), stock ``Accelerator`` against ``gradaccum.accelerate.ExactAccelerator``.
 """
 
 from __future__ import annotations
@@ -77,13 +80,45 @@ def gradaccum_stepper(model, opt, data, loss_fn, count, k):
     return step
 
 
-def measure(name, case, k, steps, repeats):
+def accelerate_stepper(model, data, loss_fn, count, k, exact):
+    """A loop written for Accelerate: stock ``Accelerator`` or ``ExactAccelerator`` (``num_items``)."""
+    import accelerate
+
+    from gradaccum.accelerate import ExactAccelerator
+
+    accelerator = (ExactAccelerator if exact else accelerate.Accelerator)(gradient_accumulation_steps=k, cpu=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model, opt = accelerator.prepare(model, opt)
+    stream = itertools.cycle(data)
+
+    def step():
+        for _ in range(k):
+            batch = next(stream)
+            with accelerator.accumulate(model):
+                loss = loss_fn(model, batch)
+                if exact:
+                    accelerator.backward(loss, num_items=count(batch))
+                else:
+                    accelerator.backward(loss)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(name, case, k, steps, repeats, framework="plain"):
     """Alternate the two loops optimizer step by optimizer step (flipping who goes first),
     so that the machine's drift hits both alike; a block of ``steps`` steps gives a ratio."""
     model, data, loss_fn, count = case()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    plain = plain_stepper(model, opt, data, loss_fn, k)
-    ours = gradaccum_stepper(model, opt, data, loss_fn, count, k)
+    if framework == "accelerate":
+        import copy
+
+        plain = accelerate_stepper(copy.deepcopy(model), data, loss_fn, count, k, exact=False)
+        ours = accelerate_stepper(model, data, loss_fn, count, k, exact=True)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        plain = plain_stepper(model, opt, data, loss_fn, k)
+        ours = gradaccum_stepper(model, opt, data, loss_fn, count, k)
     for _ in range(5):  # warm-up
         plain()
         ours()
@@ -101,7 +136,7 @@ def measure(name, case, k, steps, repeats):
             times[fn] += block[fn]
     p, g = statistics.median(times[plain]), statistics.median(times[ours])
     print(
-        f"{name:<34} plain {p * 1e3:8.3f} ms/step   gradaccum {g * 1e3:8.3f} ms/step   "
+        f"{name:<34} {'stock' if framework != 'plain' else 'plain'} {p * 1e3:8.3f} ms/step   gradaccum {g * 1e3:8.3f} ms/step   "
         f"ratio {g / p:.3f}   (blocks {min(ratios):.3f}-{max(ratios):.3f})"
     )
     return g / p
@@ -112,13 +147,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=8, help="blocks of steps, one ratio each")
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps per block for each loop")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads; 1 keeps a 2-core machine's noise down")
-    ap.add_argument("--cases", default="mlp,transformer", help="comma-separated: mlp, transformer")
+    ap.add_argument("--cases", default="mlp,transformer", help="comma-separated: mlp, transformer, accelerate")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     cases = args.cases.split(",")
     if "mlp" in cases:
         measure("MLP 784-256-10, micro-batch 32, k=8", mlp_case, 8, args.steps, args.repeats)
+    if "accelerate" in cases:
+        measure("Accelerate: stock vs ExactAccelerator, MLP, k=8", mlp_case, 8, args.steps, args.repeats, "accelerate")
     if "transformer" in cases:
         measure("transformer 2x128, 8x64 tokens, k=4", transformer_case, 4, max(5, args.steps // 10), args.repeats)
 

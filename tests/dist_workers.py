@@ -169,3 +169,43 @@ def token_budget_lm(rank, world):
         window.step()
     return {"seen": opt.seen, "plan": [len(w) for w in sampler.windows()],
             "windows": [[i for mb in w for i in mb] for w in sampler.windows()]}
+
+
+ACCELERATE_SIZES = [[3, 5, 2, 4, 6, 1], [2, 4, 4, 1, 3, 5]]
+
+
+def accelerate_exact(rank, world):
+    """ExactAccelerator on the process group the test made (gloo), k=3, tokens per rank uneven."""
+    import accelerate
+
+    from gradaccum.accelerate import ExactAccelerator
+    from reference import micro_batches
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT="29599")
+    torch.manual_seed(0)
+    model = TinyLM()
+    accelerator = ExactAccelerator(gradient_accumulation_steps=3, cpu=True)
+    opt = RecordingSGD(model.parameters(), lr=0.0)
+    model, opt = accelerator.prepare(model, opt)
+    calls = [0]
+
+    def counting(state, bucket):
+        calls[0] += 1
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        return default_hooks.allreduce_hook(state, bucket)
+
+    model.register_comm_hook(None, counting)
+    buckets = []
+    data = micro_batches(ACCELERATE_SIZES[rank], seed=40 + rank)
+    for i, seqs in enumerate(data):
+        with accelerator.accumulate(model):
+            loss, n = lm_mean_loss(model, seqs)
+            accelerator.backward(loss, num_items=n)
+            opt.step()
+            opt.zero_grad()
+            if accelerator.sync_gradients:
+                buckets.append(calls[0])
+                calls[0] = 0
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    return {"seen": opt.optimizer.seen, "buckets_per_step": buckets}

@@ -138,11 +138,14 @@ def test_plan_command_and_micro_batch_auto(tmp_path, capsys, monkeypatch):
 
     tiny = ["--task", "lm", "--effective-batch", "4", "--max-length", "16", "--train-limit", "16", "--eval-limit", "4"]
     assert main(["plan", *tiny, "--memory-budget", "8GiB"]) == 0
-    assert "recommended: --micro-batch" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "recommended: --micro-batch" in printed and "recommended token budget" in printed
     out = tmp_path / "run"
     assert main(["train", *tiny, "--micro-batch", "auto", "--epochs", "1", "--out", str(out)]) == 0
     saved = json.loads((out / "config.json").read_text())
     assert isinstance(saved["micro_batch"], int) and 1 <= saved["micro_batch"] <= 4
+    # --micro-batch auto also takes the recommended token budget: m x the longest text.
+    assert saved["max_tokens"] == saved["micro_batch"] * 16
     # The process's high-water mark is shared with earlier tests: fake a measurement over budget.
     import gradaccum.recipes.plan as plan_module
 

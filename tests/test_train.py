@@ -166,6 +166,26 @@ def test_resume_without_checkpoint_and_fresh_run_over_old_checkpoints(tmp_path, 
     out.mkdir()
     assert main(["train", "--resume", str(out)]) == 2
     assert "no config.json" in capsys.readouterr().err
+    # A finished run's directory is reused with a notice; an unfinished one is kept and refused.
+    args = ["train", "--task", "lm", "--effective-batch", "4", "--micro-batch", "2", "--max-length", "16",
+            "--train-limit", "8", "--eval-limit", "4", "--epochs", "1", "--out", str(out)]
+    assert main(args) == 0 and main(args) == 0
+    assert "replacing the finished run" in capsys.readouterr().out
+    unfinished = tmp_path / "unfinished"
+    train.run(TrainConfig(**{**json.loads((out / "config.json").read_text()), "out": str(unfinished)}), stop_after=1)
+    assert main([*args[:-1], str(unfinished)]) == 2
+    assert "unfinished run" in capsys.readouterr().err and any((unfinished / "checkpoints").iterdir())
+
+
+def test_class_weights_count_the_weights_as_items(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--class-weights", "balanced", "--effective-batch", "12", "--micro-batch", "5",
+                 "--epochs", "1", "--max-steps", "2", "--out", str(out), *TINY[:4]]) == 0
+    weights = train.class_weights(json.loads((out / "summary.json").read_text()) and [0, 0, 0, 1, 2], 3, "balanced")
+    assert weights.tolist() == pytest.approx([5 / 9, 5 / 3, 5 / 3])
+    with (out / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(float(r["num_items"]) != 12 for r in rows)  # a window's items are its weights' sum
 
 
 def test_lm_recipe_gradient_equals_the_big_batch():

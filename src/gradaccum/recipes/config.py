@@ -102,8 +102,6 @@ class TrainConfig:
             _positive_int(self, "micro_batch")
         _optional_positive_int(self, "max_steps", "train_limit", "eval_limit", "max_tokens")
         if self.memory_budget is not None:
-            from .plan import parse_bytes
-
             parse_bytes(self.memory_budget)
         if self.micro_batch != "auto" and self.effective_batch < self.micro_batch:
             raise ConfigError(
@@ -196,6 +194,22 @@ def resume_config(cfg_dir: str, overrides: dict[str, Any]) -> TrainConfig:
         saved[name] = value
     saved["out"] = str(cfg_dir)
     return TrainConfig(**saved, resume=str(cfg_dir))
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
+          "g": 1e9, "gb": 1e9, "gib": 1024**3, "t": 1e12, "tb": 1e12, "tib": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+    """``"6GiB"`` -> 6442450944.
+
+    >>> parse_bytes("512MiB")
+    536870912
+    """
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(f"--memory-budget {short(text)}: give a size such as 6GiB, 512MiB or 8GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def with_task_defaults(values: dict[str, Any]) -> dict[str, Any]:

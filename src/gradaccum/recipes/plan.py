@@ -18,30 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from .._text import short
-from .config import ConfigError, TrainConfig
-
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
-          "g": 1e9, "gb": 1e9, "gib": 1024**3, "t": 1e12, "tb": 1e12, "tib": 1024**4}
-
-
-def parse_bytes(text: str) -> int:
-    """``"6GiB"`` -> 6442450944.
-
-    >>> parse_bytes("512MiB")
-    536870912
-    """
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
-        raise ConfigError(f"--memory-budget {short(text)}: give a size such as 6GiB, 512MiB or 8GB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+from .config import ConfigError, TrainConfig, parse_bytes  # noqa: F401 (parse_bytes: part of this module's interface)
 
 
 @dataclasses.dataclass
@@ -161,9 +144,9 @@ def plan(cfg: TrainConfig, budget: Optional[int] = None, log: Callable[[str], No
     # fits too, and lets short texts travel many to a micro-batch.
     width = len(ids[longest[0]])
     tokens = best.micro_batch * width
-    short = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    rows = max(1, min(len(short), tokens // max(1, len(ids[short[0]]))))
-    index = sorted(short[:rows], key=lambda i: -len(ids[i]))
+    shortest = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    rows = max(1, min(len(shortest), tokens // max(1, len(ids[shortest[0]]))))
+    index = sorted(shortest[:rows], key=lambda i: -len(ids[i]))
     while rows > 1 and rows * len(ids[index[0]]) > tokens:
         rows -= 1
         index = index[1:]

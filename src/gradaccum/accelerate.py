@@ -1,0 +1,106 @@
+"""Hugging Face Accelerate: ``accelerator.backward(loss, num_items=n)`` with the big batch's update.
+
+``Accelerator.backward`` divides every micro-batch loss by ``gradient_accumulation_steps``:
+the mean of micro-batch means, which is not the mean over the window's items when micro-
+batches hold different numbers of tokens, and which gives the last, partial window of an
+epoch only a fraction of its gradient. :class:`ExactAccelerator` is an ``Accelerator``
+whose ``backward`` weighs each micro-batch's mean loss by its item count instead. When the
+window closes (``accelerator.sync_gradients``), right after the synchronising backward, it
+divides the window's gradient by the window's items over all ranks. Clipping with
+``accelerator.clip_grad_norm_`` and ``optimizer.step()`` then see the big batch's gradient.
+Everything else is the stock ``Accelerator``: one gradient all-reduce per window (plus one
+small all-reduce of the item count).
+
+Example:
+    >>> from gradaccum.accelerate import ExactAccelerator  # doctest: +SKIP
+    >>> accelerator = ExactAccelerator(gradient_accumulation_steps=4)  # instead of Accelerator  # doctest: +SKIP
+    >>> for batch in loader:  # doctest: +SKIP
+    ...     with accelerator.accumulate(model):
+    ...         loss = model(**batch).loss
+    ...         accelerator.backward(loss, num_items=int((batch["labels"] != -100).sum()))
+    ...         optimizer.step(); scheduler.step(); optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import accelerate
+import torch
+from accelerate.utils import DistributedType
+
+__all__ = ["ExactAccelerator"]
+
+
+class ExactAccelerator(accelerate.Accelerator):
+    """``accelerate.Accelerator`` whose ``backward(loss, num_items=n)`` is exact under accumulation.
+
+    ``loss`` is the micro-batch's mean over its ``n`` items (tokens, samples). Without
+    ``num_items`` every micro-batch of a window weighs the same, and a partial window is
+    still a mean over what it holds. Takes the ``Accelerator``'s arguments.
+
+    Not supported (refused at the first ``backward``): DeepSpeed and Megatron-LM, which
+    scale the loss inside their own engines.
+
+    Example:
+        >>> accelerator = ExactAccelerator(gradient_accumulation_steps=8)  # doctest: +SKIP
+        >>> accelerator.backward(out.loss, num_items=n_tokens)  # doctest: +SKIP
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._items = 0.0  # this rank's items in the open window
+        self._micro_batches = 0
+        # Provisional weights are n / reference; the reference must be the same on every
+        # rank, since DDP averages before the window's total is known: the last window's
+        # global items per micro-batch (1 before the first window closes).
+        self._reference = 1.0
+        self._weighted: Optional[bool] = None
+        self.last_window_items: Optional[float] = None
+
+    def backward(self, loss: torch.Tensor, num_items: Any = None, **kwargs: Any) -> None:
+        """Backpropagate the micro-batch's mean ``loss`` weighted by its ``num_items``; on the
+        window's last micro-batch, leave the window's mean gradient in ``.grad``.
+
+        Example:
+            >>> accelerator.backward(loss, num_items=len(labels))  # doctest: +SKIP
+        """
+        if self.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+            raise NotImplementedError(
+                f"ExactAccelerator under {self.distributed_type.value}: that engine scales the loss by the "
+                "accumulation steps itself; use DDP or FSDP through Accelerate, or gradaccum.Accumulator"
+            )
+        weighted = num_items is not None
+        if self._weighted is not None and weighted != self._weighted:
+            raise ValueError("num_items was given for some micro-batches of this window and not for others: give it always or never")
+        self._weighted = weighted
+        n = float(num_items.item() if isinstance(num_items, torch.Tensor) else num_items) if weighted else 1.0
+        if not math.isfinite(n) or n <= 0:
+            raise ValueError(f"num_items must be a positive number of items the loss averages over; got {num_items!r}")
+        self._items += n
+        self._micro_batches += 1
+        scaled = loss * (n / self._reference)
+        if self.scaler is not None:
+            self.scaler.scale(scaled).backward(**kwargs)
+        else:
+            scaled.backward(**kwargs)
+        if self.sync_gradients:
+            self._close_window()
+
+    def _close_window(self) -> None:
+        counts = torch.tensor([self._items, float(self._micro_batches)], dtype=torch.float64, device=self.device)
+        if self.num_processes > 1:
+            counts = self.reduce(counts, reduction="sum")
+        items, micro_batches = counts.tolist()
+        # Held: sum over ranks and micro-batches of n_i g_i / reference, averaged over ranks by DDP.
+        factor = self._reference * self.num_processes / items
+        with torch.no_grad():
+            params = {id(p): p for opt in self._optimizers for group in opt.param_groups for p in group["params"]}
+            params.update((id(p), p) for model in self._models for p in model.parameters())
+            grads = [p.grad for p in params.values() if p.grad is not None]
+            if grads and factor != 1.0:
+                torch._foreach_mul_(grads, factor)
+        self.last_window_items = items
+        self._reference = items / micro_batches
+        self._items, self._micro_batches, self._weighted = 0.0, 0, None
