@@ -7,6 +7,8 @@ blocks of steps. Target: ratio <= 1.03 on the MLP.
 
     python benchmarks/overhead.py [--repeats 8] [--steps 100] [--cases mlp,transformer,accelerate]
 
+``lightning``: a whole ``Trainer.fit`` of 8 optimizer steps on the MLP, stock against
+``ExactAccumulation`` (Lightning's own per-fit start-up is in both).
 ``accelerate``: the same MLP in a loop written for Accelerate (``accelerator.accumulate``,
 ``accelerator.backward``), stock ``Accelerator`` against ``gradaccum.accelerate.ExactAccelerator``.
 """
@@ -106,15 +108,46 @@ def accelerate_stepper(model, data, loss_fn, count, k, exact):
     return step
 
 
+def lightning_stepper(model, data, loss_fn, count, k, exact):
+    """A Lightning fit of ``steps`` optimizer steps per call: stock, or with ``ExactAccumulation``."""
+    import lightning.pytorch as pl
+
+    from gradaccum.lightning import ExactAccumulation
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def training_step(self, batch, batch_idx):
+            loss = loss_fn(self.net, batch)
+            return {"loss": loss, "num_items": count(batch)} if exact else loss
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-4)
+
+    module = Module()
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+
+    def step():
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=len(data) // k, accumulate_grad_batches=k,
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[ExactAccumulation()] if exact else [])
+        trainer.fit(module, loader)
+
+    return step
+
+
 def measure(name, case, k, steps, repeats, framework="plain"):
     """Alternate the two loops optimizer step by optimizer step (flipping who goes first),
     so that the machine's drift hits both alike; a block of ``steps`` steps gives a ratio."""
     model, data, loss_fn, count = case()
-    if framework == "accelerate":
+    if framework in ("accelerate", "lightning"):
         import copy
 
-        plain = accelerate_stepper(copy.deepcopy(model), data, loss_fn, count, k, exact=False)
-        ours = accelerate_stepper(model, data, loss_fn, count, k, exact=True)
+        make = accelerate_stepper if framework == "accelerate" else lightning_stepper
+        plain = make(copy.deepcopy(model), data, loss_fn, count, k, exact=False)
+        ours = make(model, data, loss_fn, count, k, exact=True)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         plain = plain_stepper(model, opt, data, loss_fn, k)
@@ -147,13 +180,17 @@ def main():
     ap.add_argument("--repeats", type=int, default=8, help="blocks of steps, one ratio each")
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps per block for each loop")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads; 1 keeps a 2-core machine's noise down")
-    ap.add_argument("--cases", default="mlp,transformer", help="comma-separated: mlp, transformer, accelerate")
+    ap.add_argument("--cases", default="mlp,transformer", help="comma-separated: mlp, transformer, accelerate, lightning")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     cases = args.cases.split(",")
     if "mlp" in cases:
         measure("MLP 784-256-10, micro-batch 32, k=8", mlp_case, 8, args.steps, args.repeats)
+    if "lightning" in cases:
+        # One call is a whole fit of 8 optimizer steps (64 micro-batches): the Trainer's start-up included.
+        measure("Lightning: stock vs ExactAccumulation, MLP, k=8 (one fit of 8 steps)", mlp_case, 8,
+                max(3, args.steps // 20), args.repeats, "lightning")
     if "accelerate" in cases:
         measure("Accelerate: stock vs ExactAccelerator, MLP, k=8", mlp_case, 8, args.steps, args.repeats, "accelerate")
     if "transformer" in cases:

@@ -209,3 +209,55 @@ def accelerate_exact(rank, world):
                 calls[0] = 0
     accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
     return {"seen": opt.optimizer.seen, "buckets_per_step": buckets}
+
+
+LIGHTNING_SIZES = [[3, 5, 2, 4, 6, 1], [2, 4, 4, 1, 3, 5]]
+
+
+def lightning_exact(rank, world):
+    """Lightning DDP on the process group the test made (gloo), k=3, uneven tokens per rank."""
+    import lightning.pytorch as pl
+
+    from gradaccum.lightning import ExactAccumulation
+    from reference import micro_batches
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), NODE_RANK="0",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29598")
+    calls, buckets = [0], []
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = TinyLM()
+
+        def training_step(self, seqs, batch_idx):
+            loss, n = lm_mean_loss(self.net, seqs)
+            return {"loss": loss, "num_items": n}
+
+        def configure_optimizers(self):
+            from test_lightning import RecordingSGD as ClosureFirstSGD
+
+            self.rec = ClosureFirstSGD(self.parameters(), lr=0.0)
+            return self.rec
+
+        def on_train_start(self):
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            def counting(state, bucket):
+                calls[0] += 1
+                return default_hooks.allreduce_hook(state, bucket)
+
+            self.trainer.strategy.model.register_comm_hook(None, counting)
+
+        def on_before_optimizer_step(self, optimizer):
+            buckets.append(calls[0])
+            calls[0] = 0
+
+    module = Module()
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp", max_epochs=1, accumulate_grad_batches=3,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[ExactAccumulation()], use_distributed_sampler=False)
+    data = micro_batches(LIGHTNING_SIZES[rank], seed=60 + rank)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    return {"seen": module.rec.seen, "buckets_per_step": buckets}

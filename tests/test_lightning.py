@@ -1,0 +1,130 @@
+"""gradaccum.lightning.ExactAccumulation against the float64 big batch; stock Lightning as the control."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from gradaccum.lightning import ExactAccumulation  # noqa: E402
+from reference import TinyLM, big_batch_lm_grads, lm_mean_loss, micro_batches, rel_error  # noqa: E402
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD (lr 0) that records the gradient it applies: Lightning runs the window's last
+    micro-batch inside ``step(closure)``, so the closure runs first."""
+
+    def __init__(self, params, lr=0.0):
+        super().__init__(params, lr=lr)
+        self.seen = []
+
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        with torch.no_grad():
+            self.seen.append([p.grad.detach().double().clone() if p.grad is not None else torch.zeros_like(p)
+                              for g in self.param_groups for p in g["params"]])
+        super().step()
+        return loss
+
+
+class Module(pl.LightningModule):
+    def __init__(self, net, exact=True):
+        super().__init__()
+        self.net, self.exact = net, exact
+        self.opt = None
+
+    def training_step(self, seqs, batch_idx):
+        loss, n = lm_mean_loss(self.net, seqs)
+        return {"loss": loss, "num_items": n} if self.exact else loss
+
+    def configure_optimizers(self):
+        self.opt = RecordingSGD(self.parameters(), lr=0.0)
+        return self.opt
+
+
+def fit(net, data, k, exact=True, clip=None, callbacks=(), **kw):
+    module = Module(net, exact)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, accumulate_grad_batches=k,
+                         gradient_clip_val=clip, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=([ExactAccumulation()] if exact else []) + list(callbacks), **kw)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    return module.opt.seen, trainer
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_exact_accumulation_equals_the_big_batch_and_stock_does_not(clip):
+    sizes = [3, 5, 2, 4, 6, 1, 3, 4, 5, 2]  # k=4: two full windows and a partial one of 2
+    data = micro_batches(sizes, seed=5)
+    torch.manual_seed(0)
+    net = TinyLM()
+    exact, trainer = fit(copy.deepcopy(net), data, 4, clip=clip)
+    stock, _ = fit(copy.deepcopy(net), data, 4, exact=False, clip=clip)
+    assert len(exact) == len(stock) == 3
+    err_exact, err_stock = [], []
+    for w, (got, base) in enumerate(zip(exact, stock)):
+        want = big_batch_lm_grads(net, data[4 * w: 4 * w + 4])
+        if clip:
+            norm = sum(float(x.pow(2).sum()) for x in want) ** 0.5
+            want = [x * min(1.0, clip / (norm + 1e-6)) for x in want]
+        err_exact.append(rel_error(got, want))
+        err_stock.append(rel_error(base, want))
+    assert max(err_exact) < 1e-5, err_exact
+    assert max(err_stock) > 0.05, err_stock
+    # The logged train_loss is the last window's item-weighted mean.
+    total = sum(lm_mean_loss(net, s)[0].item() * lm_mean_loss(net, s)[1] for s in data[8:])
+    items = sum(lm_mean_loss(net, s)[1] for s in data[8:])
+    assert float(trainer.callback_metrics["train_loss"]) == pytest.approx(total / items, rel=1e-5)
+
+
+def test_refusals_are_clear():
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    data = micro_batches([2, 2], seed=1)
+    with pytest.raises(ValueError, match="GradientAccumulationScheduler"):
+        fit(TinyLM(), data, 1, callbacks=[GradientAccumulationScheduler({0: 2})])
+
+
+def test_checkpoint_and_resume(tmp_path):
+    data = micro_batches([3, 5, 2, 4, 6, 1, 3, 4], seed=7)
+    torch.manual_seed(0)
+    net = TinyLM()
+
+    class Adam(Module):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def trainer(epochs, **kw):
+        return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, accumulate_grad_batches=2,
+                          logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          callbacks=[ExactAccumulation()], default_root_dir=str(tmp_path), **kw)
+
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+    straight = Adam(copy.deepcopy(net))
+    trainer(2, enable_checkpointing=False).fit(straight, loader)
+    first = Adam(copy.deepcopy(net))
+    t = trainer(1)
+    t.fit(first, loader)
+    resumed = Adam(copy.deepcopy(net))
+    trainer(2, enable_checkpointing=False).fit(resumed, loader, ckpt_path=t.checkpoint_callback.best_model_path)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_ddp_two_ranks(tmp_path):
+    import dist_workers
+
+    results = dist_workers.spawn(dist_workers.lightning_exact, 2, tmp_path)
+    assert all(r.get("error") is None for r in results), results
+    torch.manual_seed(0)
+    net = TinyLM()
+    per_rank = [micro_batches(s, seed=60 + r) for r, s in enumerate(dist_workers.LIGHTNING_SIZES)]
+    for w in range(len(results[0]["seen"])):
+        want = big_batch_lm_grads(net, [mb for r in range(2) for mb in per_rank[r][3 * w: 3 * w + 3]])
+        for r in results:
+            assert rel_error(r["seen"][w], want) < 1e-5
+    for r in results:
+        assert r["buckets_per_step"] == [1] * len(r["seen"])
