@@ -21,25 +21,40 @@ import torch.distributed as dist
 __all__ = ["TokenBudgetSampler", "cut_by_tokens"]
 
 
-def cut_by_tokens(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+def cut_by_tokens(lengths: Sequence[int], max_tokens: int, per_micro_batch: Optional[float] = None) -> list[list[int]]:
     """Positions 0..n-1 sorted by length (longest first) and cut into runs whose padded size
     (rows x longest row) stays within ``max_tokens``; a longer sample gets a run of its own.
 
+    Among the cuts that fit, the one with the fewest padded tokens plus ``per_micro_batch``
+    tokens for each run (the fixed cost of one more forward and backward; default
+    ``max_tokens / 32``) is chosen exactly, by dynamic programming over the sorted lengths.
+
     Example:
-        >>> cut_by_tokens([5, 30, 7, 6, 28], max_tokens=60)
+        >>> cut_by_tokens([5, 30, 7, 6, 28], max_tokens=60, per_micro_batch=10)
         [[1, 4], [2, 3, 0]]
     """
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be an int >= 1 (padded tokens per micro-batch); got {max_tokens!r}")
+    cost = max_tokens / 32 if per_micro_batch is None else float(per_micro_batch)
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    sizes = [lengths[i] for i in order]
+    n = len(sizes)
+    best = [0.0] + [math.inf] * n  # best[j]: the cheapest cut of the j longest
+    start = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):
+            rows = j - i
+            if rows > 1 and rows * sizes[i] > max_tokens:
+                break  # sorted: a run that starts earlier is only wider
+            value = best[i] + rows * sizes[i] + cost
+            if value < best[j]:
+                best[j], start[j] = value, i
     runs: list[list[int]] = []
-    for i in order:
-        # Sorted longest first, the run's first row is its longest: its padded width.
-        if runs and (len(runs[-1]) + 1) * lengths[runs[-1][0]] <= max_tokens:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
+    j = n
+    while j > 0:
+        runs.append(order[start[j]:j])
+        j = start[j]
+    return runs[::-1]
 
 
 class TokenBudgetSampler:
@@ -48,7 +63,8 @@ class TokenBudgetSampler:
     Each epoch the indices are shuffled by ``seed`` and epoch and split across ranks as
     ``DistributedSampler`` does (padded by repeating the first indices so every rank gets as
     many). Each rank's indices are cut into windows of exactly ``window`` examples (the last
-    may be partial); each window is sorted by length and cut by :func:`cut_by_tokens`.
+    may be partial); each window is sorted by length and cut by :func:`cut_by_tokens`
+    (fewest padded tokens, plus a fixed cost per micro-batch, within the budget).
 
     Give it to the ``Accumulator`` as ``steps`` and the engine learns each window's number
     of micro-batches from it. Ranks whose windows were cut into different numbers of

@@ -57,7 +57,7 @@ class TrainConfig:
     """
 
     effective_batch: int = _field(16, "samples per optimizer step on each rank; the window is exactly this batch")
-    micro_batch: Union[int, str] = _field(4, "samples per forward/backward, or 'auto' (measured by gradaccum plan); k = ceil(effective / micro), the last micro-batch of a window takes the rest")
+    micro_batch: Union[int, str] = _field(8, "samples per forward/backward, or 'auto' (measured by gradaccum plan); k = ceil(effective / micro), the last micro-batch of a window takes the rest")
     batching: str = _field("tokens", "tokens: sort each window by length and cut it into micro-batches of at most --max-tokens padded tokens (less padding, same update); samples: micro-batches of --micro-batch in shuffled order", choices=BATCHING)
     max_tokens: Optional[int] = _field(None, "--batching tokens: padded tokens per micro-batch (default: micro-batch x max length, the peak of a micro-batch of the longest texts)")
     memory_budget: Optional[str] = _field(None, "memory for --micro-batch auto and gradaccum plan, e.g. 6GiB (default: what the device has free)", metavar="SIZE")
@@ -68,11 +68,11 @@ class TrainConfig:
     base_batch: int = _field(32, "the batch size --lr was tuned for (used by --lr-scaling)")
     warmup: Union[int, float] = _field(0.1, "linear warmup: a fraction of all steps (< 1) or a number of steps (>= 1)")
     weight_decay: float = _field(0.01, "AdamW weight decay")
-    class_weights: str = _field("none", "classification: weigh each example's loss by its class, balanced n/(C n_c) or its square root (still exact: a micro-batch's items are the sum of its weights)", choices=CLASS_WEIGHTS)
+    class_weights: str = _field("sqrt", "classification: weigh each example's loss by its class, balanced n/(C n_c) or its square root (still exact: a micro-batch's items are the sum of its weights)", choices=CLASS_WEIGHTS)
     max_grad_norm: Optional[float] = _field(1.0, "clip the accumulated gradient to this norm ('none': no clipping)")
     precision: str = _field("fp32", "autocast precision; fp16 adds a GradScaler", choices=PRECISIONS)
     accum_dtype: Optional[str] = _field(None, "sum gradients of lower-precision parameters in this dtype", choices=ACCUM_DTYPES)
-    max_length: int = _field(128, "truncate texts to this many tokens")
+    max_length: int = _field(256, "truncate texts to this many tokens")
     task: str = _field("sentiment", "sentiment (3 classes), condition (the most frequent medical conditions), lm (a small GPT-2 on the review texts) or retrieval (a bi-encoder: review -> its condition, in-batch negatives; unless given: effective batch 64, micro-batch 8, lr 5e-5, 2 epochs)", choices=TASKS)
     negatives: str = _field("window", "--task retrieval: in-batch negatives from the whole window (exact, through window.encode) or from each micro-batch only (plain accumulation, for comparison)", choices=NEGATIVES)
     pooling: str = _field("mean", "classification: mean of the encoder's token states and a new linear layer, or head: the model's own sequence-classification head (its [CLS] pooler for BERT)", choices=POOLING)

@@ -378,7 +378,7 @@ def _epochs(s: _Session, stop: "_StopRequest", stop_after: Optional[int]) -> Opt
         for window in acc.windows(s.micro_batches(epoch, consumed)):
             t0 = time.perf_counter()
             for batch in window:
-                batch.pop("num_items")
+                batch.pop("num_items", None)  # a stand-in repeats a micro-batch already seen
                 if not window.is_stand_in:
                     progress["padded_tokens"] += int(batch["input_ids"].numel())
                     progress["real_tokens"] += int(batch["attention_mask"].sum())
