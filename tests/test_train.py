@@ -28,7 +28,8 @@ TINY = ["--train-limit", "24", "--eval-limit", "16", "--max-length", "32"]
 
 def test_end_to_end_tiny_subset(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", "--effective-batch", "12", "--micro-batch", "5", "--epochs", "2", "--out", str(out), *TINY])
+    code = main(["train", "--effective-batch", "12", "--micro-batch", "5", "--epochs", "2", "--out", str(out),
+                 "--batching", "samples", "--class-weights", "none", *TINY])
     assert code == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["effective_batch"] == 12 and s["k"] == 3 and s["micro_batch_sizes"] == [5, 5, 2]

@@ -213,13 +213,20 @@ def parse_bytes(text: str) -> int:
 
 
 def with_task_defaults(values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` with the task's own defaults filled in where no value was given.
+    """``values`` with the task's own defaults filled in where no value was given, and a
+    default micro-batch no larger than a smaller ``effective_batch`` that was given.
 
     >>> with_task_defaults({"task": "retrieval", "epochs": 1})["micro_batch"]
     8
+    >>> with_task_defaults({"effective_batch": 4})["micro_batch"]
+    4
     """
     task = values.get("task")
-    defaults = TASK_DEFAULTS.get(task, {}) if isinstance(task, str) else {}
+    defaults = dict(TASK_DEFAULTS.get(task, {}) if isinstance(task, str) else {})
+    effective = values.get("effective_batch", defaults.get("effective_batch"))
+    micro = defaults.get("micro_batch", TrainConfig.__dataclass_fields__["micro_batch"].default)
+    if "micro_batch" not in values and isinstance(effective, int) and not isinstance(effective, bool) and 0 < effective < micro:
+        defaults["micro_batch"] = effective
     return {**defaults, **values}
 
 
