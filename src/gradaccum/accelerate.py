@@ -58,6 +58,7 @@ class ExactAccelerator(accelerate.Accelerator):
         self._reference = 1.0
         self._weighted: Optional[bool] = None
         self.last_window_items: Optional[float] = None
+        self._params: Optional[tuple[list, list]] = None  # the parameters to rescale, found once
 
     def backward(self, loss: torch.Tensor, num_items: Any = None, **kwargs: Any) -> None:
         """Backpropagate the micro-batch's mean ``loss`` weighted by its ``num_items``; on the
@@ -89,16 +90,19 @@ class ExactAccelerator(accelerate.Accelerator):
             self._close_window()
 
     def _close_window(self) -> None:
-        counts = torch.tensor([self._items, float(self._micro_batches)], dtype=torch.float64, device=self.device)
         if self.num_processes > 1:
-            counts = self.reduce(counts, reduction="sum")
-        items, micro_batches = counts.tolist()
+            counts = torch.tensor([self._items, float(self._micro_batches)], dtype=torch.float64, device=self.device)
+            items, micro_batches = self.reduce(counts, reduction="sum").tolist()
+        else:  # nothing to sum with: no tensor, no copy
+            items, micro_batches = self._items, float(self._micro_batches)
         # Held: sum over ranks and micro-batches of n_i g_i / reference, averaged over ranks by DDP.
         factor = self._reference * self.num_processes / items
-        with torch.no_grad():
+        if self._params is None or len(self._params[0]) != len(self._optimizers) + len(self._models):
             params = {id(p): p for opt in self._optimizers for group in opt.param_groups for p in group["params"]}
             params.update((id(p), p) for model in self._models for p in model.parameters())
-            grads = [p.grad for p in params.values() if p.grad is not None]
+            self._params = ([None] * (len(self._optimizers) + len(self._models)), list(params.values()))
+        with torch.no_grad():
+            grads = [p.grad for p in self._params[1] if p.grad is not None]
             if grads and factor != 1.0:
                 torch._foreach_mul_(grads, factor)
         self.last_window_items = items
