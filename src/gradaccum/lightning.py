@@ -50,7 +50,7 @@ class ExactAccumulation(pl.Callback):
     def __init__(self) -> None:
         self._reference = 1.0  # the same on every rank (see the module docstring)
         self._items = 0.0
-        self._loss_sum = 0.0
+        self._loss_sum: Any = 0.0  # a tensor once a loss is seen
         self._micro_batches = 0
         self._n: Optional[float] = None
         self._weighted: Optional[bool] = None
@@ -103,7 +103,8 @@ class ExactAccumulation(pl.Callback):
         loss = out.get("loss") if isinstance(out, dict) else out
         self._n = n
         if isinstance(loss, torch.Tensor):
-            self._loss_sum += float(loss.detach()) * n
+            # Kept a tensor: reading it here would wait for the device at every micro-batch.
+            self._loss_sum = self._loss_sum + loss.detach().double() * n
 
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
         if self._n is None:
@@ -119,8 +120,9 @@ class ExactAccumulation(pl.Callback):
     # -- the window's end ----------------------------------------------------------------
 
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
-        counts = torch.tensor([self._items, float(self._micro_batches), self._loss_sum], dtype=torch.float64,
-                              device=pl_module.device)
+        loss_sum = torch.as_tensor(self._loss_sum, dtype=torch.float64, device=pl_module.device).reshape(1)
+        counts = torch.cat([torch.tensor([self._items, float(self._micro_batches)], dtype=torch.float64,
+                                         device=pl_module.device), loss_sum])
         if trainer.world_size > 1:
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
         items, micro_batches, loss_sum = counts.tolist()
