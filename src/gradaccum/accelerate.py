@@ -58,7 +58,7 @@ class ExactAccelerator(accelerate.Accelerator):
         self._reference = 1.0
         self._weighted: Optional[bool] = None
         self.last_window_items: Optional[float] = None
-        self._params: Optional[tuple[list, list]] = None  # the parameters to rescale, found once
+        self._params: Optional[tuple[int, list]] = None  # the parameters to rescale, found once
 
     def backward(self, loss: torch.Tensor, num_items: Any = None, **kwargs: Any) -> None:
         """Backpropagate the micro-batch's mean ``loss`` weighted by its ``num_items``; on the
@@ -97,10 +97,11 @@ class ExactAccelerator(accelerate.Accelerator):
             items, micro_batches = self._items, float(self._micro_batches)
         # Held: sum over ranks and micro-batches of n_i g_i / reference, averaged over ranks by DDP.
         factor = self._reference * self.num_processes / items
-        if self._params is None or len(self._params[0]) != len(self._optimizers) + len(self._models):
+        prepared = len(self._optimizers) + len(self._models)
+        if self._params is None or self._params[0] != prepared:  # found again only after another prepare()
             params = {id(p): p for opt in self._optimizers for group in opt.param_groups for p in group["params"]}
             params.update((id(p), p) for model in self._models for p in model.parameters())
-            self._params = ([None] * (len(self._optimizers) + len(self._models)), list(params.values()))
+            self._params = (prepared, list(params.values()))
         with torch.no_grad():
             grads = [p.grad for p in self._params[1] if p.grad is not None]
             if grads and factor != 1.0:

@@ -145,7 +145,7 @@ def backward_encoded(acc: "Accumulator", window: "Window", loss: torch.Tensor) -
                 pairs = [(o, l.grad) for o, l in zip(_tensors(out), entry.leaves) if l.grad is not None]
                 if pairs:
                     outs = [o for o, _ in pairs]
-                    grads = [(g * world).to(o.dtype) for o, g in pairs]
+                    grads = [(g * world if world > 1 else g).to(o.dtype) for o, g in pairs]
                     torch.autograd.backward(outs, grads)
                     acc.stores.absorb()
             if not last:
