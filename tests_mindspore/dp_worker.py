@@ -72,7 +72,7 @@ def run(name: str, spec: dict, rank: int, out: str) -> None:
         flush()
     assert int(reducer.calls.asnumpy()) == int(cell.reductions.asnumpy())
     np.savez(os.path.join(out, f"{name}_rank{rank}.npz"), **s.weights(), reductions=int(reducer.calls.asnumpy()),
-             micro_batches=len(data))
+             micro_batches=len(data), last_items=float(cell.last_items.asnumpy()))
 
 
 if __name__ == "__main__":

@@ -243,11 +243,13 @@ def test_data_parallel_under_msrun_equals_the_single_process_big_batch(tmp_path)
         for t in range(windows):
             window = [b for d in data for b in d[t * k:(t + 1) * k]]
             ref = sgd(ref, reference_grad(ref, window))
+        last_items = sum(float(b[2].sum()) for b in window)  # N of the last window, both ranks
         for r, got in enumerate(ranks):
             err = rel_err({x: got[x] - w0[x] for x in w0}, {x: ref[x] - w0[x] for x in w0})
             assert err < 1e-5, (case, r, err)
             assert int(got["reductions"]) == windows, (case, r, int(got["reductions"]), windows)
             assert int(got["micro_batches"]) == len(data[r])
+            assert float(got["last_items"]) == last_items, (case, r)
         for x in w0:
             np.testing.assert_array_equal(ranks[0][x], ranks[1][x])
     # The negative control: had each rank stepped on its own data, the ranks would differ.

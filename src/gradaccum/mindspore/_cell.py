@@ -186,9 +186,9 @@ class AccumulatorCell(nn.Cell):
     def flush(self) -> Tensor:
         """Close the open, partial window (a mean over what it holds). Returns True on update.
 
-        Single process: nothing happens when no micro-batch is held. Data parallel: every
-        rank must call it the same number of times (once after its last micro-batch), since
-        it always takes part in the window's reduce, empty or not.
+        Single process: nothing happens when no micro-batch is held. Data parallel: it
+        always takes part in the window's reduce, empty or not, so every rank closes the
+        same number of windows; :func:`flushes_needed` says how many times to call it.
 
         Example:
             >>> @ms.jit  # doctest: +SKIP
@@ -229,9 +229,10 @@ class AccumulatorCell(nn.Cell):
             self.optimizer(tuple(ops.cast(g, d) for g, d in zip(grads, self.param_dtypes)))
         ops.assign_add(self.skipped, ops.cast(ops.logical_and(closed, ops.logical_not(stepped)), ms.int32))
         ops.assign_add(self.windows, ops.cast(closed, ms.int32))
-        ops.assign(self.last_loss, loss_sum / total)
-        ops.assign(self.last_grad_norm, norm)
-        ops.assign(self.last_items, total)
+        # An empty close (data parallel, nothing anywhere) keeps the last window's report.
+        ops.assign(self.last_loss, ops.select(closed, loss_sum / total, self.last_loss))
+        ops.assign(self.last_grad_norm, ops.select(closed, norm, self.last_grad_norm))
+        ops.assign(self.last_items, ops.select(closed, total, self.last_items))
         for buf in self.grads:
             ops.assign(buf, ops.zeros_like(buf))
         for counter in (self.items, self.reference, self.loss_sum):
