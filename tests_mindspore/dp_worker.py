@@ -70,9 +70,9 @@ def run(name: str, spec: dict, rank: int, out: str) -> None:
         flush = acc.flush
     for _ in range(flushes):
         flush()
-    assert int(reducer.calls.asnumpy()) == int(cell.reductions.asnumpy())
+    assert int(reducer.calls.asnumpy()) == cell.reductions
     np.savez(os.path.join(out, f"{name}_rank{rank}.npz"), **s.weights(), reductions=int(reducer.calls.asnumpy()),
-             micro_batches=len(data), last_items=float(cell.last_items.asnumpy()))
+             micro_batches=len(data), last_items=cell.last_items)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,14 @@
 Everything a window needs is held in parameters (the gradient sum, the item count, the
 counters), and every decision is a tensor condition, so the whole train step can sit
 under ``@ms.jit``: forward, gradients, accumulation and the update when the window closes.
-The arithmetic is the PyTorch engine's (``gradaccum._weights``): micro-batch i is added
-with the provisional weight n_i / D, D = (first micro-batch's items) x k, and the held sum
-is multiplied by D / N when the window closes.
+The rules are the PyTorch engine's: micro-batch i weighs n_i / N. The cell adds n_i g_i
+(float32 keeps its relative precision whatever the scale) and divides by N when the window
+closes, folded into the clipping factor: one multiply per parameter.
+
+MindSpore's CPU kernels cost about the same whatever their size, so the scalar
+bookkeeping is packed: the open window's counters are one 4-vector, updated by one
+``assign_add`` per micro-batch, and the running totals and the last window's report are
+one 6-vector, written once per close.
 
 Across data-parallel ranks each rank sums its own micro-batches, and the window's close
 reduces once: every gradient and the item count, flattened into one tensor, one
@@ -67,8 +72,13 @@ def flushes_needed(micro_batches: int, steps: int) -> int:
     return windows - int(micro_batches) // int(steps)
 
 
-def _counter(name: str, dtype: Any = ms.float32) -> Parameter:
-    return Parameter(Tensor(0, dtype), name=name, requires_grad=False)
+def _vector(name: str, size: int) -> Parameter:
+    return Parameter(Tensor(np.zeros(size, np.float32)), name=name, requires_grad=False)
+
+
+# Slots of the open window's vector and of the totals vector.
+_MICRO, _ITEMS, _LOSS, _COUNTED = range(4)
+_WINDOWS, _SKIPPED, _REDUCTIONS, _LAST_LOSS, _LAST_NORM, _LAST_ITEMS = range(6)
 
 
 class AccumulatorCell(nn.Cell):
@@ -88,10 +98,11 @@ class AccumulatorCell(nn.Cell):
     Call it with one micro-batch's gradients (of its *mean* loss, with respect to
     ``optimizer.parameters``), its item count ``num_items`` (a tensor; omit it and each
     micro-batch weighs the same) and optionally its loss. It returns a bool tensor: True
-    when this call closed a window and updated the weights. After a close, the
-    parameters ``last_loss``, ``last_grad_norm`` and ``last_items`` describe the window;
-    ``windows``, ``skipped`` and ``reductions`` count closed windows, non-finite windows
-    (no update) and reduces across ranks.
+    when this call closed a window (an update, or a skip counted in ``skipped``). On the
+    host, ``windows``, ``skipped`` and ``reductions`` count closed windows, windows
+    skipped without an update (non-finite, or mixing counted and uncounted micro-batches)
+    and reduces across ranks; ``last_loss``, ``last_grad_norm`` and ``last_items``
+    describe the last closed window; ``micro_batches`` and ``items`` the open one.
 
     Example:
         >>> accumulator = AccumulatorCell(optimizer, steps=4, max_grad_norm=1.0)  # doctest: +SKIP
@@ -120,7 +131,8 @@ class AccumulatorCell(nn.Cell):
         self.clip = max_grad_norm is not None
         params = list(optimizer.parameters)
         self.param_dtypes = tuple(p.dtype for p in params)
-        # Low-precision parameters get float32 sums: n_i / D weights do not survive fp16.
+        self.low = tuple(p.dtype in _LOW for p in params)
+        # Low-precision parameters get float32 sums: n_i g_i summed in fp16 loses the small ones.
         self.grads = ms.ParameterTuple(
             Parameter(Tensor(np.zeros(p.shape, np.float32)) if p.dtype in _LOW else ops.zeros(p.shape, p.dtype),
                       name=prefix + p.name, requires_grad=False)
@@ -132,59 +144,39 @@ class AccumulatorCell(nn.Cell):
             reducer = ops.AllReduce()
         self.reducer = reducer
         self.distributed = reducer is not None
-        self.micro_batches = _counter(prefix + "micro_batches", ms.int32)
-        self.items = _counter(prefix + "items")
-        self.reference = _counter(prefix + "reference")
-        self.loss_sum = _counter(prefix + "loss_sum")
-        # 0: no micro-batch yet, 1: counted, 2: uncounted; a mixed window is poisoned.
-        self.mode = _counter(prefix + "mode", ms.int32)
-        self.windows = _counter(prefix + "windows", ms.int32)
-        self.skipped = _counter(prefix + "skipped", ms.int32)
-        self.reductions = _counter(prefix + "reductions", ms.int32)
-        self.last_loss = _counter(prefix + "last_loss")
-        self.last_grad_norm = _counter(prefix + "last_grad_norm")
-        self.last_items = _counter(prefix + "last_items")
+        self.window = _vector(prefix + "window", 4)  # micro-batches, items, loss sum, counted ones
+        self.totals = _vector(prefix + "totals", 6)  # windows, skipped, reductions, last loss, norm, items
+        self.last_slots = Tensor(np.array([0, 0, 0, 1, 1, 1], np.bool_))
 
     def state_parameters(self) -> list:
         """The cell's own parameters: gradient sums and counters, without the optimizer's.
 
         Example:
-            >>> {p.name for p in accumulator.state_parameters()} >= {"accum_micro_batches"}  # doctest: +SKIP
-            True
+            >>> [p.name for p in accumulator.state_parameters()][-2:]  # doctest: +SKIP
+            ['accum_window', 'accum_totals']
         """
-        counters = (self.micro_batches, self.items, self.reference, self.loss_sum, self.mode, self.windows,
-                    self.skipped, self.reductions, self.last_loss, self.last_grad_norm, self.last_items)
-        return list(self.grads) + list(counters)
+        return list(self.grads) + [self.window, self.totals]
 
     def construct(self, grads: tuple, num_items: Optional[Tensor] = None, loss: Optional[Tensor] = None) -> Tensor:
-        """Add one micro-batch; update when it completes the window. Returns True on update."""
+        """Add one micro-batch; close the window when it is full. Returns True on a close."""
         if num_items is None:
             n = ops.ones((), ms.float32)
-            mode = 2
+            counted = 0.0
         else:
             n = ops.cast(num_items, ms.float32).reshape(())
-            mode = 1
-        first = self.micro_batches == 0
-        mixed = ops.logical_and(ops.logical_not(first), self.mode != mode)
-        ops.assign(self.mode, ops.select(first, Tensor(mode, ms.int32), self.mode))
-        ops.assign(self.reference, ops.select(first, n * self.steps, self.reference))
-        # A mixed window (counts for some micro-batches only) has no sound mean: poison it
-        # so that its close skips the update and counts it in ``skipped``.
-        n = ops.select(mixed, Tensor(float("nan"), ms.float32), n)
-        w = n / self.reference
-        for buf, g in zip(self.grads, grads):
-            ops.assign_add(buf, ops.cast(g, buf.dtype) * ops.cast(w, buf.dtype))
-        ops.assign_add(self.items, n)
-        if loss is not None:
-            ops.assign_add(self.loss_sum, ops.cast(loss, ms.float32).sum() * n)
-        ops.assign_add(self.micro_batches, Tensor(1, ms.int32))
-        stepped = ops.zeros((), ms.bool_)
-        if self.micro_batches >= self.steps:
-            stepped = self._close()
-        return stepped
+            counted = 1.0
+        for buf, g, low in zip(self.grads, grads, self.low):
+            ops.assign_add(buf, (ops.cast(g, ms.float32) if low else g) * n)
+        loss_part = ops.zeros((), ms.float32) if loss is None else ops.cast(loss, ms.float32).sum() * n
+        ops.assign_add(self.window, ops.stack([ops.ones((), ms.float32), n, loss_part,
+                                               ops.fill(ms.float32, (), counted)]))
+        closing = self.window[_MICRO] >= self.steps
+        if closing:
+            self._close()
+        return closing
 
     def flush(self) -> Tensor:
-        """Close the open, partial window (a mean over what it holds). Returns True on update.
+        """Close the open, partial window (a mean over what it holds). Returns True on an update.
 
         Single process: nothing happens when no micro-batch is held. Data parallel: it
         always takes part in the window's reduce, empty or not, so every rank closes the
@@ -196,47 +188,100 @@ class AccumulatorCell(nn.Cell):
             ...     return accumulator.flush()
             >>> flush()  # after the epoch's last micro-batch  # doctest: +SKIP
         """
-        stepped = ops.zeros((), ms.bool_)
+        before = self.totals[_WINDOWS:_REDUCTIONS] + 0  # windows, skipped: a copy, read before the close
         if self.distributed:
-            stepped = self._close()
-        elif self.micro_batches > 0:
-            stepped = self._close()
-        return stepped
+            self._close()
+        elif self.window[_MICRO] > 0:
+            self._close()
+        after = self.totals[_WINDOWS:_REDUCTIONS]
+        return ops.logical_and(after[0] > before[0], after[1] == before[1])
 
-    def _close(self) -> Tensor:
+    def _close(self) -> None:
+        # Returns nothing: a value out of this branch cost MindSpore's CPU graph more per
+        # update than all of the close's own arithmetic (measured).
+        window = self.window
+        # Some micro-batches counted and some not: no sound mean, so the window is skipped.
+        mixed = ops.logical_and(window[_COUNTED] > 0, window[_COUNTED] < window[_MICRO])
         if self.distributed:
             # One reduce per window: sum_i n_i g_i of every parameter, N and the loss sum.
-            parts = [ops.cast(buf, ms.float32).reshape(-1) * self.reference for buf in self.grads]
-            parts.append(ops.stack([self.items, self.loss_sum]))
-            flat = self.reducer(ops.concat(parts))
-            ops.assign_add(self.reductions, Tensor(1, ms.int32))
+            flat = ops.concat([self._flat(buf) for buf in self.grads] + [window[1:3]])
+            flat = self.reducer(flat)
             total, loss_sum = flat[-2], flat[-1]
-            pieces = ops.split(flat[:-2], self.sizes)
-            grads = tuple(p.reshape(s) / total for p, s in zip(pieces, self.shapes))
+            sums = tuple(p.reshape(s) for p, s in zip(ops.split(flat[:-2], self.sizes), self.shapes))
+            flat = flat[:-2]
+            reduced = 1.0
         else:
-            total, loss_sum = self.items, self.loss_sum
-            scale = self.reference / total  # D / N: the provisional weights become n_i / N
-            grads = tuple(buf * ops.cast(scale, buf.dtype) for buf in self.grads)
-        norm = ops.sqrt(ops.addn([ops.reduce_sum(ops.square(ops.cast(g, ms.float32))) for g in grads]))
-        # total is 0 only for a data-parallel flush with nothing held on any rank; it is NaN
-        # for a mixed window, which then counts as closed and skipped.
-        closed = total != 0
-        stepped = ops.logical_and(ops.logical_and(ops.isfinite(norm), ops.isfinite(total)), closed)
+            total, loss_sum = window[_ITEMS], window[_LOSS]
+            sums = tuple(self.grads)
+            flat = ops.concat([self._flat(buf) for buf in sums])
+            reduced = 0.0
+        # One dot product of the flattened sum: MindSpore's CPU ReduceSum, one per
+        # parameter, cost more than all the rest of the accumulator (measured).
+        norm = ops.sqrt(ops.tensor_dot(flat, flat, 1)) / total
+        factor = 1.0 / total  # sum_i n_i g_i / N: the big batch's mean gradient
         if self.clip:
-            coef = ops.minimum(self.max_grad_norm / (norm + 1e-6), 1.0)
-            grads = tuple(g * ops.cast(coef, g.dtype) for g in grads)
+            factor = factor * ops.minimum(self.max_grad_norm / (norm + 1e-6), 1.0)
+        # total is 0 only for a data-parallel flush with nothing held on any rank.
+        closed = total > 0
+        stepped = ops.logical_and(ops.logical_and(ops.isfinite(norm), closed), ops.logical_not(mixed))
         if stepped:
-            self.optimizer(tuple(ops.cast(g, d) for g, d in zip(grads, self.param_dtypes)))
-        ops.assign_add(self.skipped, ops.cast(ops.logical_and(closed, ops.logical_not(stepped)), ms.int32))
-        ops.assign_add(self.windows, ops.cast(closed, ms.int32))
-        # An empty close (data parallel, nothing anywhere) keeps the last window's report.
-        ops.assign(self.last_loss, ops.select(closed, loss_sum / total, self.last_loss))
-        ops.assign(self.last_grad_norm, ops.select(closed, norm, self.last_grad_norm))
-        ops.assign(self.last_items, ops.select(closed, total, self.last_items))
+            self.optimizer(tuple(ops.cast(g * factor, d) if low else g * factor
+                                 for g, d, low in zip(sums, self.param_dtypes, self.low)))
+        closed_f = ops.cast(closed, ms.float32)
+        values = ops.stack([closed_f, closed_f - ops.cast(stepped, ms.float32),
+                            ops.fill(ms.float32, (), reduced), loss_sum / total, norm, total])
+        # Counter slots add; report slots take the new window's values, unless the close was empty.
+        report = ops.logical_and(self.last_slots, closed)
+        ops.assign(self.totals, ops.select(report, values,
+                                           ops.select(self.last_slots, self.totals, self.totals + values)))
         for buf in self.grads:
             ops.assign(buf, ops.zeros_like(buf))
-        for counter in (self.items, self.reference, self.loss_sum):
-            ops.assign(counter, ops.zeros((), ms.float32))
-        ops.assign(self.micro_batches, Tensor(0, ms.int32))
-        ops.assign(self.mode, Tensor(0, ms.int32))
-        return stepped
+        ops.assign(self.window, ops.zeros((4,), ms.float32))
+
+    @staticmethod
+    def _flat(buf: Parameter) -> Tensor:
+        # float32 sums (all but float64 parameters) need no cast; a no-op cast still runs.
+        return buf.reshape(-1) if buf.dtype == ms.float32 else ops.cast(buf, ms.float32).reshape(-1)
+
+    def _slot(self, vector: Parameter, slot: int) -> float:
+        return float(vector.asnumpy()[slot])
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches in the open window (host read)."""
+        return int(self._slot(self.window, _MICRO))
+
+    @property
+    def items(self) -> float:
+        """Items in the open window (host read)."""
+        return self._slot(self.window, _ITEMS)
+
+    @property
+    def windows(self) -> int:
+        """Windows closed so far, skipped ones included (host read)."""
+        return int(self._slot(self.totals, _WINDOWS))
+
+    @property
+    def skipped(self) -> int:
+        """Windows closed without an update: non-finite or mixed (host read)."""
+        return int(self._slot(self.totals, _SKIPPED))
+
+    @property
+    def reductions(self) -> int:
+        """Reduces across ranks so far: one per window under data parallel (host read)."""
+        return int(self._slot(self.totals, _REDUCTIONS))
+
+    @property
+    def last_loss(self) -> float:
+        """The last closed window's loss, item-weighted over its micro-batches and ranks."""
+        return self._slot(self.totals, _LAST_LOSS)
+
+    @property
+    def last_grad_norm(self) -> float:
+        """The last closed window's gradient norm, before clipping."""
+        return self._slot(self.totals, _LAST_NORM)
+
+    @property
+    def last_items(self) -> float:
+        """Items in the last closed window, all ranks."""
+        return self._slot(self.totals, _LAST_ITEMS)

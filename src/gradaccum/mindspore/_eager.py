@@ -79,11 +79,12 @@ class Accumulator:
             st.planned, st.weighted = self.steps, weighted
         count = ms.Tensor(float(n), ms.float32) if weighted else None
         self._has_loss |= loss is not None
-        stepped = self.cell(grads, count, loss)
+        skipped = self.cell.skipped if st.micro_batches + 1 >= st.planned else 0
+        closed = bool(self.cell(grads, count, loss))
         st.micro_batches += 1
         st.items += n
-        if st.micro_batches >= st.planned:
-            return self._closed(bool(stepped))
+        if closed:
+            return self._closed(self.cell.skipped == skipped)
         return False
 
     def flush(self) -> bool:
@@ -98,20 +99,20 @@ class Accumulator:
         if not self.state.micro_batches and not self.cell.distributed:
             return False
         stepped = bool(self.cell.flush())
-        if int(self.cell.windows.asnumpy()) == self.state.optimizer_step:  # nothing held on any rank
+        if self.cell.windows == self.state.optimizer_step:  # nothing held on any rank
             self.state.close_window()
             return False
         return self._closed(stepped)
 
     def _closed(self, stepped: bool) -> bool:
         st, cell = self.state, self.cell
-        st.optimizer_step = int(cell.windows.asnumpy())
+        st.optimizer_step = cell.windows
         self.last_report = StepReport(
             step=st.optimizer_step,
-            loss=float(cell.last_loss.asnumpy()) if self._has_loss else math.nan,
+            loss=cell.last_loss if self._has_loss else math.nan,
             micro_batches=st.micro_batches,
-            num_items=float(cell.last_items.asnumpy()) if st.weighted else None,
-            grad_norm=float(cell.last_grad_norm.asnumpy()),
+            num_items=cell.last_items if st.weighted else None,
+            grad_norm=cell.last_grad_norm,
             skipped=not stepped,
         )
         self._has_loss = False
@@ -166,10 +167,9 @@ class Accumulator:
             >>> acc.sync_state()  # doctest: +SKIP
         """
         cell = self.cell
-        mode = int(cell.mode.asnumpy())
+        micro, items, loss_sum, counted = (float(v) for v in cell.window.asnumpy())
         self.state = AccumulatorState(
-            optimizer_step=int(cell.windows.asnumpy()), planned=self.steps,
-            micro_batches=int(cell.micro_batches.asnumpy()), items=float(cell.items.asnumpy()),
-            weighted=None if mode == 0 else mode == 1,
+            optimizer_step=cell.windows, planned=self.steps, micro_batches=int(micro), items=items,
+            weighted=None if micro == 0 else counted > 0,
         )
-        self._has_loss = bool(float(cell.loss_sum.asnumpy()) != 0.0)
+        self._has_loss = loss_sum != 0.0
