@@ -57,7 +57,7 @@ def test_help_documents_every_option_with_its_default():
     for flag in ("--effective-batch", "--micro-batch", "--epochs", "--max-steps", "--lr", "--lr-scaling",
                  "--base-batch", "--warmup", "--max-grad-norm", "--precision", "--accum-dtype", "--max-length",
                  "--task", "--model", "--data", "--text-field", "--label-field", "--out", "--seed",
-                 "--save-every", "--resume", "--config", "--tensorboard"):
+                 "--save-every", "--resume", "--config", "--tensorboard", "--label-smoothing"):
         assert flag in text, flag
     assert "(default: 32)" in text and "(default: sentiment)" in text
 
@@ -69,6 +69,7 @@ def test_help_documents_every_option_with_its_default():
         (["--micro-batch", "0"], "--micro-batch must be an int >= 1"),
         (["--lr", "-1"], "--lr must be a number > 0"),
         (["--warmup", "2.5"], "--warmup must be"),
+        (["--label-smoothing", "1"], "--label-smoothing must be a number from 0 to below 1"),
         (["--data", "/nonexistent/reviews.csv"], "--data /nonexistent/reviews.csv: no such file"),
         (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such directory"),
     ],
@@ -181,8 +182,9 @@ def test_resume_without_checkpoint_and_fresh_run_over_old_checkpoints(tmp_path, 
 def test_class_weights_count_the_weights_as_items(tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--class-weights", "balanced", "--effective-batch", "12", "--micro-batch", "5",
-                 "--epochs", "1", "--max-steps", "2", "--out", str(out), *TINY[:4]]) == 0
-    assert json.loads((out / "summary.json").read_text())["class_weights"] == "balanced"
+                 "--label-smoothing", "0.2", "--epochs", "1", "--max-steps", "2", "--out", str(out), *TINY[:4]]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["class_weights"] == "balanced" and summary["label_smoothing"] == 0.2
     assert train.class_weights([0, 0, 0, 1, 2], 3, "balanced").tolist() == pytest.approx([5 / 9, 5 / 3, 5 / 3])
     with (out / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))

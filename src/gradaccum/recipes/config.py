@@ -27,7 +27,7 @@ POOLING = ("mean", "head")
 # The global defaults are tuned for the sentiment job; the other tasks keep what they were run with.
 TASK_DEFAULTS = {
     "retrieval": {"effective_batch": 64, "micro_batch": 8, "lr": 5e-5, "epochs": 2},
-    "condition": {"lr": 1e-4, "class_weights": "sqrt"},
+    "condition": {"lr": 1e-4, "class_weights": "sqrt", "label_smoothing": 0.0},
     "lm": {"lr": 1e-4},
 }
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -73,6 +73,7 @@ class TrainConfig:
     base_batch: int = _field(32, "the batch size --lr was tuned for (used by --lr-scaling)")
     warmup: Union[int, float] = _field(0.1, "linear warmup: a fraction of all steps (< 1) or a number of steps (>= 1)")
     weight_decay: float = _field(0.01, "AdamW weight decay")
+    label_smoothing: float = _field(0.1, "classification: cross-entropy label smoothing, 0 to < 1 (per example, so still exact)")
     class_weights: str = _field("balanced", "classification: weigh each example's loss by its class, balanced n/(C n_c) or its square root (still exact: a micro-batch's items are the sum of its weights)", choices=CLASS_WEIGHTS)
     max_grad_norm: Optional[float] = _field(1.0, "clip the accumulated gradient to this norm ('none': no clipping)")
     precision: str = _field("fp32", "autocast precision; fp16 adds a GradScaler", choices=PRECISIONS)
@@ -116,6 +117,8 @@ class TrainConfig:
         _positive_number(self, "lr")
         if self.max_grad_norm is not None:
             _positive_number(self, "max_grad_norm")
+        if not _is_number(self.label_smoothing) or not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing must be a number from 0 to below 1; got {short(self.label_smoothing)}")
         for name in ("weight_decay", "warmup"):
             value = getattr(self, name)
             if not _is_number(value) or value < 0:

@@ -353,10 +353,14 @@ def class_weights(labels: list[int], num_labels: int, rule: str) -> Optional[tor
 def _loss(s: _Session, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
     """The micro-batch's mean loss and the items it averages over (weights, when weighted)."""
     out = s.model(**batch)
-    if s.class_weights is None:
+    smoothing = s.cfg.label_smoothing if s.cfg.task != "lm" else 0.0
+    if s.class_weights is None and not smoothing:
         return out.loss, count_items(batch, s.cfg.task)
+    ce = torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"], reduction="none",
+                                           label_smoothing=smoothing)
+    if s.class_weights is None:
+        return ce.mean(), count_items(batch, s.cfg.task)
     w = s.class_weights.to(out.logits.device)[batch["labels"]]
-    ce = torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
     return (ce * w).sum() / w.sum(), float(w.sum())
 
 
@@ -459,6 +463,7 @@ def _finish(s: _Session) -> dict[str, Any]:
         "batching": cfg.batching, "max_tokens": s.sampler.max_tokens if s.sampler is not None else None,
         "micro_batch": cfg.micro_batch, "k": cfg.steps_per_window, "micro_batch_sizes": cfg.micro_batch_sizes,
         "world_size": s.world, "lr": s.lr, "class_weights": cfg.class_weights if cfg.task != "lm" else None,
+        "label_smoothing": cfg.label_smoothing if cfg.task != "lm" else None,
         "optimizer_steps": s.acc.state.optimizer_step, "train_seconds": round(progress["train_seconds"], 2),
         "tokens": {"padded": progress["padded_tokens"], "real": progress["real_tokens"],
                    "padded_per_real": round(progress["padded_tokens"] / max(progress["real_tokens"], 1), 4)},
