@@ -26,6 +26,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from .._weights import check_steps
+
 __all__ = ["AccumulatorCell", "data_parallel_size", "flushes_needed"]
 
 _LOW = (ms.float16, ms.bfloat16)
@@ -115,8 +117,6 @@ class AccumulatorCell(nn.Cell):
     def __init__(self, optimizer: Any, steps: int, max_grad_norm: Optional[float] = None,
                  reducer: Optional[Any] = None, prefix: str = "accum_") -> None:
         super().__init__(auto_prefix=False)
-        from .._weights import check_steps
-
         if callable(steps):
             raise TypeError("steps must be a positive int (micro-batches per update); got a callable")
         self.steps = check_steps(steps)
@@ -132,6 +132,8 @@ class AccumulatorCell(nn.Cell):
         params = list(optimizer.parameters)
         self.param_dtypes = tuple(p.dtype for p in params)
         self.low = tuple(p.dtype in _LOW for p in params)
+        # The sums the optimizer gets are float32 (float64 ones only outside data parallel).
+        self.cast_back = tuple(p.dtype != ms.float32 for p in params)
         # Low-precision parameters get float32 sums: n_i g_i summed in fp16 loses the small ones.
         self.grads = ms.ParameterTuple(
             Parameter(Tensor(np.zeros(p.shape, np.float32)) if p.dtype in _LOW else ops.zeros(p.shape, p.dtype),
@@ -225,8 +227,8 @@ class AccumulatorCell(nn.Cell):
         closed = total > 0
         stepped = ops.logical_and(ops.logical_and(ops.isfinite(norm), closed), ops.logical_not(mixed))
         if stepped:
-            self.optimizer(tuple(ops.cast(g * factor, d) if low else g * factor
-                                 for g, d, low in zip(sums, self.param_dtypes, self.low)))
+            self.optimizer(tuple(ops.cast(g * factor, d) if cast else g * factor
+                                 for g, d, cast in zip(sums, self.param_dtypes, self.cast_back)))
         closed_f = ops.cast(closed, ms.float32)
         values = ops.stack([closed_f, closed_f - ops.cast(stepped, ms.float32),
                             ops.fill(ms.float32, (), reduced), loss_sum / total, norm, total])

@@ -17,7 +17,7 @@ from mindspore import ops
 
 from .._state import AccumulatorState, StepReport
 from .._weights import micro_batch_items
-from ._cell import AccumulatorCell
+from ._cell import _LAST_ITEMS, _LAST_LOSS, _LAST_NORM, _SKIPPED, _WINDOWS, AccumulatorCell
 
 __all__ = ["Accumulator"]
 
@@ -79,12 +79,14 @@ class Accumulator:
             st.planned, st.weighted = self.steps, weighted
         count = ms.Tensor(float(n), ms.float32) if weighted else None
         self._has_loss |= loss is not None
-        skipped = self.cell.skipped if st.micro_batches + 1 >= st.planned else 0
-        closed = bool(self.cell(grads, count, loss))
+        # The host knows when the window closes: no read of the cell's flag per micro-batch.
+        closing = st.micro_batches + 1 >= st.planned
+        skipped = self.cell.skipped if closing else 0
+        self.cell(grads, count, loss)
         st.micro_batches += 1
         st.items += n
-        if closed:
-            return self._closed(self.cell.skipped == skipped)
+        if closing:
+            return self._closed(skipped)
         return False
 
     def flush(self) -> bool:
@@ -98,21 +100,24 @@ class Accumulator:
         """
         if not self.state.micro_batches and not self.cell.distributed:
             return False
-        stepped = bool(self.cell.flush())
-        if self.cell.windows == self.state.optimizer_step:  # nothing held on any rank
-            self.state.close_window()
-            return False
-        return self._closed(stepped)
+        skipped = self.cell.skipped
+        self.cell.flush()
+        return self._closed(skipped)
 
-    def _closed(self, stepped: bool) -> bool:
-        st, cell = self.state, self.cell
-        st.optimizer_step = cell.windows
+    def _closed(self, skipped_before: int) -> bool:
+        st = self.state
+        totals = self.cell.totals.asnumpy()  # one read for the whole report
+        if int(totals[_WINDOWS]) == st.optimizer_step:  # an empty data-parallel close
+            st.close_window()
+            return False
+        stepped = int(totals[_SKIPPED]) == skipped_before
+        st.optimizer_step = int(totals[_WINDOWS])
         self.last_report = StepReport(
             step=st.optimizer_step,
-            loss=cell.last_loss if self._has_loss else math.nan,
+            loss=float(totals[_LAST_LOSS]) if self._has_loss else math.nan,
             micro_batches=st.micro_batches,
-            num_items=cell.last_items if st.weighted else None,
-            grad_norm=cell.last_grad_norm,
+            num_items=float(totals[_LAST_ITEMS]) if st.weighted else None,
+            grad_norm=float(totals[_LAST_NORM]),
             skipped=not stepped,
         )
         self._has_loss = False
