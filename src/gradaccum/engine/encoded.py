@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.distributed as dist
 
-from . import parallel as _parallel
 
 if TYPE_CHECKING:
     from .accumulator import Accumulator, Window
@@ -68,6 +67,12 @@ def _tensors(out: Any) -> list[torch.Tensor]:
 def encode(acc: "Accumulator", window: "Window", fn: Callable[[Any], Any], batch: Any) -> Any:
     """See :meth:`Window.encode`."""
     acc.check_current(window)
+    if not acc.parallel.can_encode:
+        raise NotImplementedError(
+            f"window.encode() under {acc.parallel.name} is not supported: it gathers or reduces inside "
+            "every forward and backward, and the re-encoding pass would need its own plan for that. Use "
+            "DDP (or one process) for cached coupled losses"
+        )
     if window.mode == "backward":
         raise RuntimeError(
             "window.encode() in a window that already used window.backward(): a window either "
@@ -76,12 +81,6 @@ def encode(acc: "Accumulator", window: "Window", fn: Callable[[Any], Any], batch
         )
     if window.encoded_done:
         raise RuntimeError("window.encode() after window.backward_encoded(): that window is complete; call window.step()")
-    if isinstance(acc.parallel, _parallel.FSDP2):
-        raise NotImplementedError(
-            "window.encode() under FSDP2 is not supported: FSDP2 gathers parameters inside every "
-            "forward, and the re-encoding pass would need its own resharding plan. Use DDP (or one "
-            "process) for cached coupled losses"
-        )
     if window.mode is None:
         window.mode = "encode"
         if acc.parallel.world > 1:

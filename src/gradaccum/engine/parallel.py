@@ -1,10 +1,11 @@
-"""Data-parallel adapters, chosen once from the model: one process, DDP or FSDP2.
+"""Data-parallel adapters, chosen once from the model: one process, DDP, FSDP2 or DeepSpeed.
 
 Each says how many ranks average the gradient, how to run a micro-batch without gradient
 sync (public APIs only: DDP's ``no_sync()``, FSDP2's ``set_requires_gradient_sync()``, both
 entered before the forward, where DDP decides whether the backward all-reduces), how to sum
-a window's counters over ranks, and what an out-of-memory error may do. The one-process
-adapter does nothing at all.
+a window's counters over ranks, how a backward runs, how the window's boundary scale reaches
+the gradient and how the update is made, and what an out-of-memory error may do. The
+one-process adapter does nothing at all. DeepSpeed's lives in ``engine/deepspeed.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import os
 import sys
 import threading
-from typing import ContextManager, Union
+from typing import Any, ContextManager, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -32,9 +33,38 @@ class SingleProcess:
     rank = 0
     name = "one process"
     can_roll_back_oom = True  # a failed attempt's gradients are all in places the store sees
+    can_encode = True  # window.encode(): the re-encoding pass can run without sync
+    owns_gradients = False  # the gradient is in .grad, where the stores hold and scale it
+    # Where a mid-window state_dict cannot reach the partial gradients, the reason why.
+    holds_window_grads: Optional[str] = None
 
     def skip_sync(self) -> ContextManager[None]:
         return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, weight: Any) -> None:
+        """Backpropagate ``loss * weight`` (``weight``: a float, or a seed tensor like ``loss``)."""
+        if isinstance(weight, torch.Tensor) and type(loss) is torch.Tensor:
+            # Seeding backward with the weight is d(loss * weight)/d(loss) without a multiply
+            # node in the graph or the ones_like that a bare backward() makes.
+            loss.backward(weight)
+        else:  # a tensor subclass (DTensor) wants its own kind of seed
+            (loss * weight).backward()
+
+    def begin_window(self) -> None:
+        pass
+
+    def finalize(self, stores: Any, scale: Any) -> Optional[list[torch.Tensor]]:
+        """Apply the boundary scale; the gradients now in ``.grad``, or None when the engine
+        keeps them (then it measures and clips them in :meth:`update`)."""
+        return stores.finalize(scale)
+
+    def update(self, optimizer: Any) -> Optional[tuple[float, bool]]:
+        """The optimizer step; ``(norm, applied)`` when only the update could measure it."""
+        optimizer.step()
+        return None
+
+    def abandon(self) -> None:
+        pass
 
     def all_sum(self, values: Values) -> Values:
         return values
@@ -91,13 +121,12 @@ class DDP(_Ranks):
                 g.copy_(r)
 
 
-class FSDP2(_Ranks):
-    """``fully_shard``: it gathers and reduces inside every forward and backward, and holds
-    the deferred unsharded gradients inside its own parameters. An attempt that fails part
-    way leaves the other ranks waiting in a collective and cannot be undone, so an
-    out-of-memory error stops every rank with the same message instead of retrying."""
+class Collective(_Ranks):
+    """Ranks whose forward or backward runs collectives (FSDP2's gathers, ZeRO's reductions):
+    an attempt that fails part way leaves the other ranks waiting in a collective and cannot
+    be undone, so an out-of-memory error stops every rank with the same message instead of
+    retrying."""
 
-    name = "FSDP2"
     can_roll_back_oom = False
     # One key per torchrun attempt: a restarted run must not read the last attempt's news.
     KEY = f"gradaccum/out-of-memory/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
@@ -108,17 +137,6 @@ class FSDP2(_Ranks):
         self._watch: threading.Thread | None = None
         self._store = _default_store()
         self._announced = False  # this rank raised the error itself: its own watch stands down
-
-    @contextlib.contextmanager
-    def _no_sync(self):
-        self.model.set_requires_gradient_sync(False)  # type: ignore[operator]
-        try:
-            yield
-        finally:
-            self.model.set_requires_gradient_sync(True)  # type: ignore[operator]
-
-    def skip_sync(self) -> ContextManager[None]:
-        return self._no_sync()
 
     def watch_for_oom(self) -> None:
         """Start (once) a thread that stops this rank when another announces an OOM: this
@@ -149,6 +167,25 @@ class FSDP2(_Ranks):
             self._store.set(self.KEY, message)
 
 
+class FSDP2(Collective):
+    """``fully_shard``: it gathers and reduces inside every forward and backward, and holds
+    the deferred unsharded gradients inside its own parameters."""
+
+    name = "FSDP2"
+    can_encode = False  # the re-encoding pass would need its own resharding plan
+
+    @contextlib.contextmanager
+    def _no_sync(self):
+        self.model.set_requires_gradient_sync(False)  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+    def skip_sync(self) -> ContextManager[None]:
+        return self._no_sync()
+
+
 def _default_store():
     try:
         return dist.distributed_c10d._get_default_store()
@@ -156,8 +193,18 @@ def _default_store():
         return None
 
 
+def is_deepspeed_engine(model: Any) -> bool:
+    """Whether ``model`` is what ``deepspeed.initialize`` returned (told without importing it).
+
+    >>> is_deepspeed_engine(torch.nn.Linear(2, 2))
+    False
+    """
+    return any(c.__module__.startswith("deepspeed.") and c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
+
+
 def adapter_for(model: torch.nn.Module) -> SingleProcess:
-    """The adapter for ``model``: one process unless it is DDP/FSDP2-wrapped in a process group.
+    """The adapter for ``model``: one process unless it is DDP/FSDP2-wrapped in a process group
+    (a DeepSpeed engine gets ``engine.deepspeed.DeepSpeed``, chosen by ``build``).
 
     >>> adapter_for(torch.nn.Linear(2, 2)).name
     'one process'

@@ -8,6 +8,7 @@ counts of every rank) is read in one go: one host sync per window on an accelera
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -70,7 +71,8 @@ def finish(acc: "Accumulator", window: "Window") -> StepReport:
         raise RuntimeError("step() after window.encode() without window.backward_encoded(loss): call it once, after the last encode")
     if st.micro_batches == 0 and not window.stand_ins:
         raise RuntimeError("step() on a window with no backward(): call window.backward(loss) for its micro-batches first")
-    has_grad = stores.any_grad()
+    # An engine that owns the gradient says whether it had one when it updates (see update()).
+    has_grad = dp.owns_gradients or stores.any_grad()
     host, sums = _sums(acc, has_grad)
     items_t = sums[0]  # a device tensor on the device path: never read here
     # Held: sum_i n_i * g_i / D. Times D / N (and the ranks DDP/FSDP average over) = the mean.
@@ -80,11 +82,13 @@ def finish(acc: "Accumulator", window: "Window") -> StepReport:
     if window.explicit_reduce:
         stores.materialize()  # every rank must reduce the same tensors
         dp.reduce_grads(stores.reducible())
-    grads = stores.finalize(scale)
+    held = dp.finalize(stores, scale)
+    grads = held or []
     if acc.scaler is not None and grads:
         # Unscale before measuring or clipping: the clip threshold is for true gradients.
         acc.scaler.unscale_(acc.optimizer)
-    norm_t = total_norm(grads, acc.uniform, acc.foreach)
+    # None: the engine holds the gradient and measures it in its update (NaN until then).
+    norm_t = total_norm(grads, acc.uniform, acc.foreach) if held is not None else torch.full((), math.nan)
     if acc.max_grad_norm is not None and grads:
         # With the norm as a tensor: a non-finite norm makes NaNs, but that window is skipped.
         torch.nn.utils.clip_grads_with_norm_(acc.params, acc.max_grad_norm, norm_t, foreach=acc.foreach)
@@ -116,7 +120,7 @@ def finish(acc: "Accumulator", window: "Window") -> StepReport:
         micro_batches=int(micro_batches),
         grad_norm=norm,
         # Nothing to apply: no parameter received a gradient anywhere, or it is not finite.
-        skipped=not with_grad or not math.isfinite(norm),
+        skipped=not with_grad or (held is not None and not math.isfinite(norm)),
         lr=float(lr) if lr is not None else None,
         splits=st.splits,
         stand_ins=window.stand_ins,
@@ -125,6 +129,19 @@ def finish(acc: "Accumulator", window: "Window") -> StepReport:
     window.next_counts = counts
     window.items_per_micro_batch = items / micro_batches if micro_batches else None
     return window.finished
+
+
+def update(acc: "Accumulator", window: "Window") -> StepReport:
+    """The optimizer step through the data-parallel adapter; the report completed by what
+    only the update could measure (an engine that owns the gradient: its norm, its skip)."""
+    report = window.finished
+    assert report is not None
+    measured = acc.parallel.update(acc.optimizer)
+    if measured is not None:
+        norm, applied = measured
+        report = window.finished = dataclasses.replace(
+            report, grad_norm=norm, skipped=not applied or not math.isfinite(norm))
+    return report
 
 
 def close(acc: "Accumulator", window: "Window") -> None:
