@@ -16,12 +16,13 @@ from .. import _weights
 from . import backward as _backward
 from . import encoded as _encoded
 from . import step as _step
-from .build import Parts, build_parts
-from .plan import Lookahead, Planner, agree
+from .build import build_parts
+from .parts import Parts, WindowState
+from .plan import Lookahead, Planner
 from .._state import StepReport
 
 
-class Window:
+class Window(WindowState):
     """One optimizer step's worth of micro-batches; made by :meth:`Accumulator.windows`.
 
     Iterate it once for the micro-batches, call :meth:`backward` (or
@@ -37,25 +38,6 @@ class Window:
         ...         window.backward(loss, num_items=len(y))
         ...     report = window.step()
     """
-
-    def __init__(self, accumulator: "Accumulator", count: int):
-        self._acc = accumulator
-        self._count = count  # micro-batches this window hands out (stand-ins included)
-        self._iterated = False
-        self._last = False
-        self.is_stand_in = False
-        self.stand_ins = 0
-        self.explicit_reduce = accumulator.explicit_reduce
-        self.finished: Optional[StepReport] = None
-        self.closed = False
-        self.scaled = False
-        self.next_counts: list[float] = []
-        self.items_per_micro_batch: Optional[float] = None
-        self.mode: Optional[str] = None  # "backward" or "encode", fixed by the first call
-        self.yielded = 0
-        self.encoded: list[_encoded.Entry] = []
-        self.encoded_done = False
-        self.gathered = False
 
     @property
     def planned(self) -> int:
@@ -88,22 +70,6 @@ class Window:
                 # Entered before the forward: DDP decides there whether the backward all-reduces.
                 with acc.skip_sync():
                     yield batch
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """The autocast context of ``precision`` for the forward pass (empty for fp32).
-
-        Backward runs outside it, as PyTorch's AMP guidance asks.
-
-        Example:
-            >>> with window.autocast():  # doctest: +SKIP
-            ...     loss = model(**batch).loss
-            >>> window.backward(loss, num_items=n)  # doctest: +SKIP
-        """
-        acc = self._acc
-        acc.autocast_used = True
-        if acc.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(acc.device.type, dtype=acc.autocast_dtype)
 
     def backward(self, loss: torch.Tensor, num_items: Any = None) -> None:
         """Backpropagate one micro-batch's mean ``loss`` with its weight in the window.
@@ -344,39 +310,6 @@ class Accumulator(Parts):
                     "the window's micro-batches, or its gradients would leak into the next update"
                 )
             self._pass_window += 1
-
-    def planned_ahead(self, ahead: int) -> int:
-        """This rank's planned micro-batches for the window ``ahead`` windows after the open one."""
-        if self._plan is None:
-            return _weights.resolve_steps(self.steps, self.state.optimizer_step + ahead)
-        i = self._pass_window + ahead
-        return self._plan[i] if i < len(self._plan) else 0
-
-    def agree(self, counts: list[float]) -> int:
-        """The next window's micro-batch count, the same on every rank."""
-        return agree(counts)
-
-    def check_current(self, window: Window, finishing: bool = False) -> None:
-        if window.closed or window.finished is not None:
-            raise RuntimeError(
-                "step() was already called for this window; iterate the next window" if finishing
-                else "backward() after step(): this window is closed; use the next window"
-            )
-        if self._current is not None and window is not self._current:
-            raise RuntimeError("this window is not the accumulator's open window: use the one acc.windows() yielded last")
-
-    def skip_sync(self) -> contextlib.AbstractContextManager:
-        return self.parallel.skip_sync() if self.sync_control else contextlib.nullcontext()
-
-    def abandon(self, window: Window) -> None:
-        """Drop the open window without an update (after an error at its step)."""
-        self.parallel.abandon()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.stores.clear()
-        self.state.close_window()
-        self.counts.reset()
-        window.closed = True
-        self.planner.target = 0
 
     # -- checkpointing ----------------------------------------------------------------
 

@@ -8,18 +8,17 @@ step's boundary scale D/N makes it the mean (see ``gradaccum._weights``).
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
 from .. import _split
 from .retry import forward_backward_with_retry
-
-if TYPE_CHECKING:
-    from .accumulator import Accumulator, Window
+from .parts import Parts, WindowState
 
 
-def micro_batch(acc: "Accumulator", window: "Window", loss: torch.Tensor, num_items: Any) -> None:
+
+def micro_batch(acc: Parts, window: WindowState, loss: torch.Tensor, num_items: Any) -> None:
     """Backpropagate ``loss`` with its provisional weight (see ``gradaccum._weights``)."""
     acc.check_current(window)
     st = acc.state
@@ -63,13 +62,13 @@ def micro_batch(acc: "Accumulator", window: "Window", loss: torch.Tensor, num_it
     acc.counts.record(loss, n)
 
 
-def _shared(acc: "Accumulator", n: Any) -> Any:
+def _shared(acc: Parts, n: Any) -> Any:
     if isinstance(n, torch.Tensor):
         return acc.parallel.all_sum(n.reshape(1).to(torch.float64))[0] / acc.parallel.world
     return acc.parallel.all_sum([n])[0] / acc.parallel.world
 
 
-def _seed(acc: "Accumulator", weight: Any, loss: torch.Tensor) -> torch.Tensor:
+def _seed(acc: Parts, weight: Any, loss: torch.Tensor) -> torch.Tensor:
     """The weight as a tensor like ``loss``; kept while it repeats (equal micro-batches)."""
     if isinstance(weight, torch.Tensor):
         return weight.to(dtype=loss.dtype, device=loss.device).reshape(())
@@ -80,7 +79,7 @@ def _seed(acc: "Accumulator", weight: Any, loss: torch.Tensor) -> torch.Tensor:
     return seed
 
 
-def _stand_in(acc: "Accumulator", window: "Window", loss: torch.Tensor) -> None:
+def _stand_in(acc: Parts, window: WindowState, loss: torch.Tensor) -> None:
     st = acc.state
     if st.reference is None:  # the other ranks make this all-reduce in their first backward
         st.reference = _shared(acc, torch.zeros((), device=acc.device) if acc.counts.on_device else 0.0)
@@ -88,13 +87,13 @@ def _stand_in(acc: "Accumulator", window: "Window", loss: torch.Tensor) -> None:
     window.stand_ins += 1
 
 
-def _add_nothing(acc: "Accumulator", loss: torch.Tensor) -> None:
+def _add_nothing(acc: Parts, loss: torch.Tensor) -> None:
     """A zero-weight backward: its collectives pair with the other ranks', it adds nothing."""
     acc.parallel.backward(loss.reshape(()), 0.0)
     acc.stores.absorb()
 
 
-def forward_backward(acc: "Accumulator", window: "Window", batch: Any, loss_fn: Callable) -> None:
+def forward_backward(acc: Parts, window: WindowState, batch: Any, loss_fn: Callable) -> None:
     """See :meth:`Window.forward_backward`."""
     acc.check_current(window)
     done = acc.state.micro_batches
@@ -105,7 +104,7 @@ def forward_backward(acc: "Accumulator", window: "Window", batch: Any, loss_fn: 
     acc.state.micro_batches = done + (0 if window.is_stand_in else 1)  # the pieces are one micro-batch
 
 
-def run_piece(acc: "Accumulator", window: "Window", piece: Any, loss_fn: Callable, zero: bool = False) -> None:
+def run_piece(acc: Parts, window: WindowState, piece: Any, loss_fn: Callable, zero: bool = False) -> None:
     with window.autocast():
         out = loss_fn(piece)
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
@@ -120,7 +119,7 @@ def run_piece(acc: "Accumulator", window: "Window", piece: Any, loss_fn: Callabl
     micro_batch(acc, window, out[0], out[1])
 
 
-def _without_retry(acc: "Accumulator", window: "Window", batch: Any, loss_fn: Callable) -> None:
+def _without_retry(acc: Parts, window: WindowState, batch: Any, loss_fn: Callable) -> None:
     """FSDP2: run the remembered split, never retry; announce an OOM so that ranks blocked in
     a collective stop too, and say which split to restart with (``error.parts``)."""
     acc.parallel.watch_for_oom()

@@ -20,35 +20,10 @@ from . import parallel as _parallel
 from .counts import DeviceCounts, HostCounts
 from .grads import BufferStore, CompactStore, DenseStore, Stores, embedding_modules
 from .plan import Lookahead, Planner
+from .parts import Parts
 from .._state import AccumulatorState
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class Parts:
-    """The parts an Accumulator is made of (attributes set by :func:`build_parts`)."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    steps: _weights.StepsLike
-    max_grad_norm: Optional[float]
-    precision: str
-    accum_dtype: Optional[torch.dtype]
-    params: list[torch.Tensor]
-    device: torch.device
-    parallel: _parallel.SingleProcess
-    stores: Stores
-    counts: HostCounts
-    planner: Planner
-    state: AccumulatorState
-    scaler: Optional[torch.amp.GradScaler]
-    autocast_dtype: Optional[torch.dtype]
-    sync_control: bool
-    explicit_reduce: bool
-    uniform: bool
-    foreach: Optional[bool]
-    window_norms: list[WindowBatchNorm]
 
 
 def _check(model: Any, optimizer: Any, scheduler: Any, max_grad_norm: Any, precision: Any, accum_dtype: Any) -> None:

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .._state import AccumulatorState
+from .parts import Parts
 
-if TYPE_CHECKING:
-    from .accumulator import Accumulator
 
 
 def _number(v: Any) -> Any:
     return float(v) if isinstance(v, torch.Tensor) else v
 
 
-def snapshot(acc: "Accumulator") -> dict[str, Any]:
+def snapshot(acc: Parts) -> dict[str, Any]:
     """:class:`AccumulatorState` with the partial window's gradients, as a plain dict."""
     st = acc.state
     if st.micro_batches and acc.parallel.holds_window_grads:
@@ -38,7 +37,7 @@ def snapshot(acc: "Accumulator") -> dict[str, Any]:
     return out
 
 
-def restore(acc: "Accumulator", saved: Any) -> None:
+def restore(acc: Parts, saved: Any) -> None:
     """Validate ``saved`` whole, then replace the state; nothing changes when it is refused."""
     current = getattr(acc, "_current", None)
     if current is not None and not current.closed:

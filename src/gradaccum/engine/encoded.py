@@ -17,14 +17,13 @@ step, like any other window's.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from .parts import Parts, WindowState
 
 
-if TYPE_CHECKING:
-    from .accumulator import Accumulator, Window
 
 
 class Entry:
@@ -64,7 +63,7 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return found
 
 
-def encode(acc: "Accumulator", window: "Window", fn: Callable[[Any], Any], batch: Any) -> Any:
+def encode(acc: Parts, window: WindowState, fn: Callable[[Any], Any], batch: Any) -> Any:
     """See :meth:`Window.encode`."""
     acc.check_current(window)
     if not acc.parallel.can_encode:
@@ -110,7 +109,7 @@ def encode(acc: "Accumulator", window: "Window", fn: Callable[[Any], Any], batch
     return result
 
 
-def backward_encoded(acc: "Accumulator", window: "Window", loss: torch.Tensor) -> None:
+def backward_encoded(acc: Parts, window: WindowState, loss: torch.Tensor) -> None:
     """See :meth:`Window.backward_encoded`."""
     acc.check_current(window)
     _check(acc, window, loss)
@@ -156,7 +155,7 @@ def backward_encoded(acc: "Accumulator", window: "Window", loss: torch.Tensor) -
     window.encoded = []  # the representations and their gradients are no longer needed
 
 
-def _check(acc: "Accumulator", window: "Window", loss: torch.Tensor) -> None:
+def _check(acc: Parts, window: WindowState, loss: torch.Tensor) -> None:
     if window.mode != "encode" or not window.encoded:
         raise RuntimeError("window.backward_encoded() needs window.encode() for the window's micro-batches first")
     if window.encoded_done:
@@ -211,7 +210,7 @@ class _Gather(torch.autograd.Function):
         return grad[ctx.start: ctx.start + ctx.rows]
 
 
-def gather(acc: "Accumulator", window: "Window", x: torch.Tensor) -> torch.Tensor:
+def gather(acc: Parts, window: WindowState, x: torch.Tensor) -> torch.Tensor:
     """See :meth:`Window.gather`."""
     if acc.parallel.world == 1:
         return x

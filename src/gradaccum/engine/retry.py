@@ -8,17 +8,16 @@ error in the window's last micro-batch is therefore as recoverable as in any oth
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
 from .. import _split
-
-if TYPE_CHECKING:
-    from .accumulator import Accumulator, Window
+from .parts import Parts, WindowState
 
 
-def forward_backward_with_retry(acc: "Accumulator", window: "Window", batch: Any, loss_fn: Callable,
+
+def forward_backward_with_retry(acc: Parts, window: WindowState, batch: Any, loss_fn: Callable,
                                 run: Callable) -> None:
     """``run(acc, window, piece, loss_fn)`` for ``batch``, split in two on each OOM and retried."""
     st = acc.state
@@ -45,7 +44,7 @@ def forward_backward_with_retry(acc: "Accumulator", window: "Window", batch: Any
                 torch.cuda.empty_cache()
 
 
-def _attempt(acc: "Accumulator", window: "Window", piece: Any, loss_fn: Callable, run: Callable) -> None:
+def _attempt(acc: Parts, window: WindowState, piece: Any, loss_fn: Callable, run: Callable) -> None:
     # Hold the gradients so far aside: the attempt writes fresh ones, which are kept only if
     # it finishes (an OOM in backward may have written some parameters already).
     held = acc.stores.take()

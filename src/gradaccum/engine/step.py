@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 
 from .._state import StepReport
+from .parts import Parts, WindowState
 
-if TYPE_CHECKING:
-    from .accumulator import Accumulator, Window
 
 
 def total_norm(grads: list[torch.Tensor], uniform: bool, foreach: Optional[bool]) -> torch.Tensor:
@@ -48,7 +47,7 @@ def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def _sums(acc: "Accumulator", has_grad: bool) -> tuple[list[float], Any]:
+def _sums(acc: Parts, has_grad: bool) -> tuple[list[float], Any]:
     """The window's numbers summed over ranks, as a device tensor on the device path.
 
     Layout: items, loss sum, invalid counts (the counters), then the host numbers:
@@ -64,7 +63,7 @@ def _sums(acc: "Accumulator", has_grad: bool) -> tuple[list[float], Any]:
     return host, dp.all_sum(local + host)
 
 
-def finish(acc: "Accumulator", window: "Window") -> StepReport:
+def finish(acc: Parts, window: WindowState) -> StepReport:
     """Leave the window's mean gradient in ``.grad`` (clipped) and report; no update yet."""
     st, dp, stores = acc.state, acc.parallel, acc.stores
     if window.mode == "encode" and not window.encoded_done:
@@ -131,7 +130,7 @@ def finish(acc: "Accumulator", window: "Window") -> StepReport:
     return window.finished
 
 
-def update(acc: "Accumulator", window: "Window") -> StepReport:
+def update(acc: Parts, window: WindowState) -> StepReport:
     """The optimizer step through the data-parallel adapter; the report completed by what
     only the update could measure (an engine that owns the gradient: its norm, its skip)."""
     report = window.finished
@@ -144,7 +143,7 @@ def update(acc: "Accumulator", window: "Window") -> StepReport:
     return report
 
 
-def close(acc: "Accumulator", window: "Window") -> None:
+def close(acc: Parts, window: WindowState) -> None:
     """After the update (or the skip): scaler, scheduler, zeroed gradients, counters."""
     report = window.finished
     assert report is not None
