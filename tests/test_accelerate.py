@@ -26,7 +26,7 @@ class Grabbing(torch.optim.SGD):
         return super().step(closure)
 
 
-def train(accelerator_cls, model, data, k, exact=True, max_grad_norm=None):
+def train(accelerator_cls, model, data, k, exact=True, max_grad_norm=None, guard=True):
     accelerator = accelerator_cls(gradient_accumulation_steps=k, cpu=True)
     opt = Grabbing(model.parameters())
     loader = torch.utils.data.DataLoader(data, batch_size=None)  # each item is one micro-batch
@@ -38,7 +38,7 @@ def train(accelerator_cls, model, data, k, exact=True, max_grad_norm=None):
                 accelerator.backward(loss, num_items=n)
             else:
                 accelerator.backward(loss)
-            if max_grad_norm and accelerator.sync_gradients:
+            if max_grad_norm and (accelerator.sync_gradients or not guard):
                 accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
             opt.step()
             opt.zero_grad()
@@ -46,13 +46,14 @@ def train(accelerator_cls, model, data, k, exact=True, max_grad_norm=None):
     return opt.optimizer.seen if hasattr(opt, "optimizer") else opt.seen
 
 
-@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
-def test_exact_accelerator_equals_the_big_batch_and_stock_does_not(max_grad_norm):
+@pytest.mark.parametrize("max_grad_norm,guard", [(None, True), (0.05, True), (0.05, False), (1.0, False)])
+def test_exact_accelerator_equals_the_big_batch_and_stock_does_not(max_grad_norm, guard):
+    # guard=False: clip_grad_norm_ on every micro-batch, as docs/accelerate.md's loop does.
     sizes = [3, 5, 2, 4, 6, 1, 3, 4, 5, 2]  # k=4: windows of 4, 4 and a partial 2
     data = micro_batches(sizes, seed=5)
     torch.manual_seed(0)
     model = TinyLM()
-    exact = train(ExactAccelerator, copy.deepcopy(model), data, 4, max_grad_norm=max_grad_norm)
+    exact = train(ExactAccelerator, copy.deepcopy(model), data, 4, max_grad_norm=max_grad_norm, guard=guard)
     stock = train(accelerate.Accelerator, copy.deepcopy(model), data, 4, exact=False, max_grad_norm=max_grad_norm)
     assert len(exact) == len(stock) == 3
     errors_exact, errors_stock = [], []

@@ -89,6 +89,19 @@ class ExactAccelerator(accelerate.Accelerator):
         if self.sync_gradients:
             self._close_window()
 
+    def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2) -> Optional[torch.Tensor]:
+        """Clip the window's gradient, once, when the window closes (``sync_gradients``); a
+        no-op returning ``None`` on the other micro-batches, whose ``.grad`` holds a running,
+        not yet rescaled sum that clipping would distort. Call it every micro-batch, as
+        Accelerate's examples do, or only under ``if accelerator.sync_gradients:``.
+
+        Example:
+            >>> norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)  # doctest: +SKIP
+        """
+        if not self.sync_gradients:
+            return None
+        return super().clip_grad_norm_(parameters, max_norm, norm_type)
+
     def _close_window(self) -> None:
         if self.num_processes > 1:
             counts = torch.tensor([self._items, float(self._micro_batches)], dtype=torch.float64, device=self.device)
