@@ -174,3 +174,46 @@ def refusals(rank, world):
             out["finish"] = str(exc)
         out["report"] = window.step()
     return out
+
+
+def accelerate_exact(rank, world, stage, guard, clip=0.05):
+    """ExactAccelerator with Accelerate's DeepSpeed plugin, k=3, uneven tokens per rank; the
+    loop of docs/accelerate.md (clip_grad_norm_ every micro-batch unless ``guard``)."""
+    _environment(rank, world)
+    import accelerate
+    from accelerate.utils import DeepSpeedPlugin
+
+    from gradaccum.accelerate import ExactAccelerator
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    plugin = DeepSpeedPlugin(zero_stage=stage, gradient_accumulation_steps=3, gradient_clipping=clip)
+    plugin.deepspeed_config.update(zero_allow_untested_optimizer=True, train_micro_batch_size_per_gpu=1, train_batch_size=3 * world)
+    accelerator = ExactAccelerator(gradient_accumulation_steps=3, deepspeed_plugin=plugin)  # not cpu=True: that drops DeepSpeed
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    data = micro_batches(SIZES[rank][:6], seed=1 + rank)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    engine = accelerator.deepspeed_engine_wrapped.engine
+    weights, windows, norms, real = [full_weights(engine)], [], [], []
+    norm = None
+    for seqs in data:
+        with accelerator.accumulate(model):
+            loss, n = lm_mean_loss(model, seqs)
+            accelerator.backward(loss, num_items=n)
+            real.append(seqs)
+            if clip and (accelerator.sync_gradients or not guard):
+                norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                norms.append(float(norm) if norm is not None else float("nan"))
+                weights.append(full_weights(engine))
+                windows.append(real)
+                real = []
+    refused = None
+    try:
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    except ValueError as exc:
+        refused = str(exc)
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    return {"weights": weights, "windows": windows, "norms": norms, "refused": refused}

@@ -151,3 +151,20 @@ def test_the_docs_loop_runs_as_written_under_torchrun(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     steps = re.findall(r"step (\d+): loss [\d.]+ over (\d+) tokens", out.stdout)
     assert [s for s, _ in steps] == ["1", "2", "3"]  # 10 micro-batches, k=4: the last window is partial
+
+
+@pytest.mark.parametrize("stage,guard", [(2, False), (3, True)])
+def test_exact_accelerator_with_the_deepspeed_plugin(tmp_path, stage, guard):
+    pytest.importorskip("accelerate")
+    results = dist_workers.spawn(w.accelerate_exact, 2, tmp_path, stage, guard)
+    for r in results:
+        assert "error" not in r, r.get("trace")
+    r0, r1 = results
+    assert len(r0["windows"]) == 2
+    for i, (b0, b1) in enumerate(zip(r0["windows"], r1["windows"])):
+        want = _expected_update(r0["weights"][i], b0 + b1, 0.05)
+        for r in results:
+            got = [a - b for a, b in zip(r["weights"][i + 1], r["weights"][i])]
+            assert rel_error(got, want) < 1e-3, (i, rel_error(got, want))
+        assert r0["norms"][i] > 0.05  # clipping was active: DeepSpeed's, on the window's gradient
+    assert "gradient_clipping" in r0["refused"]  # another max_norm than the engine's: refused, key named

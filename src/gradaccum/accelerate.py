@@ -40,8 +40,11 @@ class ExactAccelerator(accelerate.Accelerator):
     ``num_items`` every micro-batch of a window weighs the same, and a partial window is
     still a mean over what it holds. Takes the ``Accelerator``'s arguments.
 
-    Not supported (refused at the first ``backward``): DeepSpeed and Megatron-LM, which
-    scale the loss inside their own engines.
+    Under Accelerate's DeepSpeed plugin (ZeRO 0-3) the engine's own adapter does the
+    DeepSpeed part (``gradaccum.engine.deepspeed``): each backward is DeepSpeed's with the
+    micro-batch's weight instead of 1/k, and the window's scale reaches the engine before
+    its step, so DeepSpeed's clipping (the config's ``gradient_clipping``) and its update
+    see the window's gradient. Megatron-LM is refused at the first ``backward``.
 
     Example:
         >>> accelerator = ExactAccelerator(gradient_accumulation_steps=8)  # doctest: +SKIP
@@ -59,6 +62,8 @@ class ExactAccelerator(accelerate.Accelerator):
         self._weighted: Optional[bool] = None
         self.last_window_items: Optional[float] = None
         self._params: Optional[tuple[int, list]] = None  # the parameters to rescale, found once
+        self._ds: Any = None  # the engine's DeepSpeed adapter, made at the first backward under DeepSpeed
+        self._ds_stores: Any = None
 
     def backward(self, loss: torch.Tensor, num_items: Any = None, **kwargs: Any) -> None:
         """Backpropagate the micro-batch's mean ``loss`` weighted by its ``num_items``; on the
@@ -67,10 +72,10 @@ class ExactAccelerator(accelerate.Accelerator):
         Example:
             >>> accelerator.backward(loss, num_items=len(labels))  # doctest: +SKIP
         """
-        if self.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        if self.distributed_type == DistributedType.MEGATRON_LM:
             raise NotImplementedError(
-                f"ExactAccelerator under {self.distributed_type.value}: that engine scales the loss by the "
-                "accumulation steps itself; use DDP or FSDP through Accelerate, or gradaccum.Accumulator"
+                "ExactAccelerator under Megatron-LM: that engine scales the loss by the accumulation steps "
+                "itself; use DDP, FSDP or DeepSpeed through Accelerate, or gradaccum.Accumulator"
             )
         weighted = num_items is not None
         if self._weighted is not None and weighted != self._weighted:
@@ -81,6 +86,9 @@ class ExactAccelerator(accelerate.Accelerator):
             raise ValueError(f"num_items must be a positive number of items the loss averages over; got {num_items!r}")
         self._items += n
         self._micro_batches += 1
+        if self.distributed_type == DistributedType.DEEPSPEED:
+            self._deepspeed_backward(loss, n / self._reference)
+            return
         scaled = loss * (n / self._reference)
         if self.scaler is not None:
             self.scaler.scale(scaled).backward(**kwargs)
@@ -88,6 +96,33 @@ class ExactAccelerator(accelerate.Accelerator):
             scaled.backward(**kwargs)
         if self.sync_gradients:
             self._close_window()
+
+    def _deepspeed_backward(self, loss: torch.Tensor, weight: float) -> None:
+        """One micro-batch through the engine's DeepSpeed adapter; at the close, the window's
+        scale and then ``engine.step()`` (which clips and updates), as Accelerate's wrapper would."""
+        adapter = self._deepspeed_adapter()
+        if self._micro_batches == 1:
+            adapter.begin_window()  # ZeRO-2: one reduction for the window, at its close
+        adapter.engine.set_gradient_accumulation_boundary(self.sync_gradients)
+        adapter.backward(loss, weight)
+        if self.sync_gradients:
+            factor = self._window_factor()
+            adapter.finalize(self._ds_stores, factor)
+            adapter.update(None)
+
+    def _deepspeed_adapter(self) -> Any:
+        engine = self.deepspeed_engine_wrapped.engine
+        if self._ds is None or self._ds.engine is not engine:
+            from .engine.deepspeed import DeepSpeed
+            from .engine.grads import DenseStore, Stores
+
+            self._ds = DeepSpeed(engine)
+            # Accelerate's k is DeepSpeed's gradient_accumulation_steps: no notice about it.
+            self._ds.configure(None, False, notice=False)
+            params = [p for p in engine.module.parameters() if p.requires_grad]
+            # Without ZeRO the reduced gradient is in .grad, where a plain store scales it.
+            self._ds_stores = Stores([] if self._ds.owns_gradients else [DenseStore(params, list(range(len(params))))])
+        return self._ds
 
     def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2) -> Optional[torch.Tensor]:
         """Clip the window's gradient, once, when the window closes (``sync_gradients``); a
@@ -100,16 +135,36 @@ class ExactAccelerator(accelerate.Accelerator):
         """
         if not self.sync_gradients:
             return None
+        if self.distributed_type == DistributedType.DEEPSPEED:
+            configured = float(self.deepspeed_engine_wrapped.engine.gradient_clipping() or 0.0)
+            if not math.isclose(configured, float(max_norm)):
+                raise ValueError(
+                    f"clip_grad_norm_(..., {max_norm}) under DeepSpeed, whose engine clips the window's gradient "
+                    f"inside backward at its config's \"gradient_clipping\": {configured}. Set that key (or "
+                    f"DeepSpeedPlugin(gradient_clipping={max_norm})) instead"
+                )
         return super().clip_grad_norm_(parameters, max_norm, norm_type)
 
-    def _close_window(self) -> None:
-        if self.num_processes > 1:
+    def _window_factor(self) -> float:
+        """What the held gradient is multiplied by to be the window's mean; closes the window."""
+        # The process group's size: under DeepSpeed on CPUs Accelerate reports one process.
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if world > 1:
             counts = torch.tensor([self._items, float(self._micro_batches)], dtype=torch.float64, device=self.device)
-            items, micro_batches = self.reduce(counts, reduction="sum").tolist()
+            # torch.distributed itself: Accelerate's reduce() returns the tensor unsummed under DeepSpeed.
+            torch.distributed.all_reduce(counts)
+            items, micro_batches = counts.tolist()
         else:  # nothing to sum with: no tensor, no copy
             items, micro_batches = self._items, float(self._micro_batches)
         # Held: sum over ranks and micro-batches of n_i g_i / reference, averaged over ranks by DDP.
-        factor = self._reference * self.num_processes / items
+        factor = self._reference * world / items
+        self.last_window_items = items
+        self._reference = items / micro_batches
+        self._items, self._micro_batches, self._weighted = 0.0, 0, None
+        return factor
+
+    def _close_window(self) -> None:
+        factor = self._window_factor()
         prepared = len(self._optimizers) + len(self._models)
         if self._params is None or self._params[0] != prepared:  # found again only after another prepare()
             params = {id(p): p for opt in self._optimizers for group in opt.param_groups for p in group["params"]}
@@ -119,6 +174,3 @@ class ExactAccelerator(accelerate.Accelerator):
             grads = [p.grad for p in self._params[1] if p.grad is not None]
             if grads and factor != 1.0:
                 torch._foreach_mul_(grads, factor)
-        self.last_window_items = items
-        self._reference = items / micro_batches
-        self._items, self._micro_batches, self._weighted = 0.0, 0, None

@@ -51,7 +51,7 @@ class DeepSpeed(Collective):
                 "and acc.state_dict()"
             )
 
-    def configure(self, max_grad_norm: Optional[float], sync_every_micro_batch: bool) -> None:
+    def configure(self, max_grad_norm: Optional[float], sync_every_micro_batch: bool, notice: bool = True) -> None:
         """Check the engine's config against the accumulator's and hand it the clip norm (the
         engine clips, so the accumulator's own step clips nothing: it returns None)."""
         engine = self.engine
@@ -66,7 +66,7 @@ class DeepSpeed(Collective):
                 "\"gradient_clipping\": 0)"
             )
         gas = engine.gradient_accumulation_steps()
-        if gas != 1:
+        if gas != 1 and notice:
             warnings.warn(
                 f"the DeepSpeed config's \"gradient_accumulation_steps\": {gas} does not set the boundary "
                 "here: each window closes where it ends and weighs its micro-batches by their items "
