@@ -83,3 +83,17 @@ def test_ddp_two_ranks_one_gradient_all_reduce_per_step(tmp_path):
             assert rel_error(r["seen"][w], want) < 1e-5
     for r in results:
         assert r["buckets_per_step"] == [1] * len(r["seen"])  # DDP's one all-reduce (one bucket) per step
+
+
+def test_the_docs_loop_runs_as_written(tmp_path):
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "accelerate.md").read_text()
+    script = tmp_path / "train_acc.py"
+    script.write_text(re.search(r"After \(a whole script.*?```python\n(.*?)```", doc, re.S).group(1))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(re.findall(r"window of \d+ tokens", out.stdout)) == 3  # 10 micro-batches, k=4: 4, 4 and 2
