@@ -128,3 +128,60 @@ def test_ddp_two_ranks(tmp_path):
             assert rel_error(r["seen"][w], want) < 1e-5
     for r in results:
         assert r["buckets_per_step"] == [1] * len(r["seen"])
+
+
+def _setup_with(strategy):
+    class Trainer:  # what setup() reads of a Trainer, with the strategy under test
+        callbacks = []
+
+    Trainer.strategy = strategy
+    ExactAccumulation().setup(Trainer(), Module(TinyLM()), "fit")
+
+
+def test_deepspeed_and_unknown_strategies_are_refused_at_fit():
+    # DeepSpeedStrategy refuses to start without CUDA, so the refusal is checked on the object
+    # itself; on a GPU the next tests run it through Trainer.fit.
+    from lightning.pytorch import strategies
+
+    with pytest.raises(ValueError, match="DeepSpeedStrategy.*gradaccum.Accumulator"):
+        _setup_with(strategies.DeepSpeedStrategy.__new__(strategies.DeepSpeedStrategy))
+
+    with pytest.raises(ValueError, match="ExactAccumulation under ModelParallelStrategy: supported are one device, DDP and FSDP"):
+        _setup_with(strategies.ModelParallelStrategy.__new__(strategies.ModelParallelStrategy))
+    _setup_with(strategies.SingleDeviceStrategy(device=torch.device("cpu")))  # accepted
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDP and DeepSpeed strategies need CUDA")
+
+
+@gpu
+def test_fsdp_strategy_on_a_gpu_equals_the_big_batch():
+    # FSDPStrategy keeps each parameter's gradient (sharded over one GPU: whole) in .grad
+    # with use_orig_params=True; the callback's scale is one number, so it is exact as under DDP.
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    sizes = [3, 5, 2, 4, 6, 1, 3, 4, 5, 2]
+    data = micro_batches(sizes, seed=5)
+    torch.manual_seed(0)
+    net = TinyLM()
+    module = Module(copy.deepcopy(net))
+    trainer = pl.Trainer(accelerator="cuda", devices=1, strategy=FSDPStrategy(use_orig_params=True), max_epochs=1,
+                         accumulate_grad_batches=4, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[ExactAccumulation()])
+    trainer.fit(module, torch.utils.data.DataLoader([[s.cuda() for s in mb] for mb in data], batch_size=None))
+    assert len(module.opt.seen) == 3
+    for w, got in enumerate(module.opt.seen):
+        want = big_batch_lm_grads(net, data[4 * w: 4 * w + 4])
+        assert rel_error([g.cpu() for g in got], want) < 1e-5
+
+
+@gpu
+def test_deepspeed_strategy_on_a_gpu_is_refused_at_fit():
+    pytest.importorskip("deepspeed")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    trainer = pl.Trainer(accelerator="cuda", devices=1, strategy=DeepSpeedStrategy(stage=2), max_epochs=1,
+                         accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[ExactAccumulation()])
+    with pytest.raises(ValueError, match="DeepSpeedStrategy"):
+        trainer.fit(Module(TinyLM()), torch.utils.data.DataLoader(micro_batches([2, 2], seed=1), batch_size=None))

@@ -39,8 +39,12 @@ class ExactAccumulation(pl.Callback):
     ``num_items`` every micro-batch of a window weighs the same, and a partial last window
     is still a mean. Logs ``train_loss``: the window's item-weighted mean loss.
 
-    Refused with a clear error: ``GradientAccumulationScheduler`` (k changing by epoch),
-    manual optimization, and more than one optimizer.
+    Strategies: one device, DDP (any launcher) and ``FSDPStrategy`` (its sharded gradients
+    are scaled where they are: the scale is one number). Refused at ``fit`` with a clear
+    error: ``DeepSpeedStrategy`` (the engine owns the gradients and the boundary; use
+    ``gradaccum.Accumulator`` over ``deepspeed.initialize``'s engine, or ``ExactAccelerator``
+    with Accelerate's DeepSpeed plugin), any other strategy, ``GradientAccumulationScheduler``
+    (k changing by epoch), manual optimization, and more than one optimizer.
 
     Example:
         >>> trainer = Trainer(accumulate_grad_batches=8, gradient_clip_val=1.0,  # doctest: +SKIP
@@ -60,6 +64,7 @@ class ExactAccumulation(pl.Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        _check_strategy(trainer.strategy)
         from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
         if any(isinstance(cb, GradientAccumulationScheduler) for cb in trainer.callbacks):
@@ -142,3 +147,23 @@ class ExactAccumulation(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._reference = float(state_dict.get("reference", 1.0))
+
+
+def _check_strategy(strategy: Any) -> None:
+    """Refuse a strategy under which the callback's two hooks cannot make the update exact."""
+    from lightning.pytorch import strategies
+
+    if isinstance(strategy, strategies.DeepSpeedStrategy):
+        raise ValueError(
+            "ExactAccumulation under DeepSpeedStrategy: DeepSpeed owns the gradients (partitioned under "
+            "ZeRO) and runs the accumulation itself, dividing by k on top of Lightning's 1/k, so the "
+            "callback's scale cannot reach them. Use gradaccum.Accumulator over the engine that "
+            "deepspeed.initialize returns (docs/deepspeed.md), or ExactAccelerator with Accelerate's DeepSpeed plugin"
+        )
+    supported = (strategies.SingleDeviceStrategy, strategies.DDPStrategy, strategies.FSDPStrategy)
+    if not isinstance(strategy, supported):
+        raise ValueError(
+            f"ExactAccumulation under {type(strategy).__name__}: supported are one device, DDP and FSDPStrategy, "
+            "where the window's gradient is in the optimizer's parameters' .grad when the optimizer steps. "
+            "Use one of those, or gradaccum.Accumulator in a manual-optimization training_step"
+        )
