@@ -81,8 +81,35 @@ def _wrap(net, wrap):
     return net
 
 
+def _deepspeed(net, precision):
+    """``deepspeed.initialize`` with plain SGD; DeepSpeed's bf16 section for "bf16" (the
+    Accumulator then stays fp32: DeepSpeed casts the model itself)."""
+    import deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    engine, opt, _, _ = deepspeed.initialize(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.5),
+                                             config=config)
+    return engine, opt
+
+
+def _weights(model) -> list[torch.Tensor]:
+    """The full fp32 weights: DeepSpeed's fp32 master copy where it keeps one."""
+    if type(model).__name__ != "DeepSpeedEngine":
+        return [_full(p.detach()).float().clone() for p in model.parameters()]
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return [(safe_get_full_fp32_param(p) if safe_get_full_fp32_param(p) is not None else p).detach().float().clone()
+            for p in model.module.parameters()]
+
+
 def run_cell(rank: int, world: int, wrap: str, precision: str, feature: str, sync_every: bool = False) -> dict:
-    """Train the cell; return the gradients seen per update and the weights before each."""
+    """Train the cell; return the gradients seen per update and the weights before each.
+
+    Under DeepSpeed (``wrap="zero2"``) the gradient lives in DeepSpeed's partitions: what the
+    update applied is read back from the weights, (before - after) / lr, SGD being linear."""
     torch.manual_seed(0)
     net = CellLM()
     if precision == "bf16-params":
@@ -90,8 +117,13 @@ def run_cell(rank: int, world: int, wrap: str, precision: str, feature: str, syn
     if feature.startswith("oom"):
         net.oom.limit, net.oom.where = 2, feature.split("_")[1]
     init = copy.deepcopy(net.state_dict())
-    model = _wrap(net, wrap)
-    opt = RecordingSGD(model.parameters(), lr=0.5)
+    deepspeed = wrap == "zero2"
+    if deepspeed:
+        model, opt = _deepspeed(net, precision)
+        precision = "fp32" if precision == "bf16" else precision
+    else:
+        model = _wrap(net, wrap)
+        opt = RecordingSGD(model.parameters(), lr=0.5)
     kw = {
         "precision": precision if precision != "bf16-params" else "fp32",
         "accum_dtype": torch.float32 if precision == "bf16-params" else None,
@@ -108,7 +140,7 @@ def run_cell(rank: int, world: int, wrap: str, precision: str, feature: str, syn
     acc_now = acc
     stop_after = 2 if feature == "resume" else None
     for window in acc.windows(data):
-        before.append([_full(p.detach()).float().clone() for p in model.parameters()])
+        before.append(_weights(model))
         for i, batch in enumerate(window):
             if feature.startswith("oom"):
                 window.forward_backward(batch, lambda b: mean_loss(model, b))
@@ -141,15 +173,22 @@ def run_cell(rank: int, world: int, wrap: str, precision: str, feature: str, syn
             reports.append(window.step())
         opt = opt2
     splits = sum(r.splits for r in reports)
-    return {
-        "init": init, "before": before, "reports": reports, "splits": splits,
-        "seen": [[_full(g).float() for g in step] for step in opt.seen],
-    }
+    if deepspeed:
+        after = before[1:] + [_weights(model)]
+        seen = [[(b - a) / 0.5 for b, a in zip(w0, w1)] for w0, w1 in zip(before, after)]
+    else:
+        seen = [[_full(g).float() for g in step] for step in opt.seen]
+    return {"init": init, "before": before, "reports": reports, "splits": splits, "seen": seen}
 
 
 def ddp_or_fsdp_cells(rank: int, world: int, wrap: str, precision: str, features: list[str],
                       sync_every: bool = False) -> dict:
     """Every feature in turn on this rank (a spawned process)."""
+    if wrap == "zero2":
+        import os
+
+        os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                          LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="29613")
     out = {}
     for feature in features:
         try:
