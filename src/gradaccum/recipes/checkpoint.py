@@ -40,8 +40,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(out: Path, step: int, model: torch.nn.Module, state: dict[str, Any]) -> Path:
+def staging(out: Path, step: int, token: int) -> Path:
+    """The temporary directory where every rank writes its share of ``step``'s checkpoint
+    before rank 0 completes it with :func:`save` (``token``: the same on every rank)."""
+    return out / "checkpoints" / f".tmp-step-{step:07d}-{token}"
+
+
+def save(out: Path, step: int, model: torch.nn.Module, state: dict[str, Any], *,
+         weights: Optional[dict[str, torch.Tensor]] = None, staged: Optional[Path] = None) -> Path:
     """Write a checkpoint for ``step`` and drop all but the newest ``KEEP``.
+
+    ``weights``: the whole weights when ``model`` holds only a shard of them; ``staged``: the
+    :func:`staging` directory the ranks already wrote their files into (every file found
+    there is checksummed with the rest).
 
     Example:
         >>> save(Path("runs/train"), 40, model, {"optimizer": opt.state_dict()})  # doctest: +SKIP
@@ -49,10 +60,11 @@ def save(out: Path, step: int, model: torch.nn.Module, state: dict[str, Any]) ->
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staged if staged is not None else root / f".tmp-{final.name}-{os.getpid()}"
+    if staged is None:
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write(tmp, step, model, state)
+        _write(tmp, step, model, state, weights)
     except (OSError, RuntimeError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if _disk_full(exc):
@@ -74,15 +86,20 @@ def save(out: Path, step: int, model: torch.nn.Module, state: dict[str, Any]) ->
     return final
 
 
-def _write(tmp: Path, step: int, model: torch.nn.Module, state: dict[str, Any]) -> None:
-    from safetensors.torch import save_model
+def _write(tmp: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
+           weights: Optional[dict[str, torch.Tensor]]) -> None:
+    from safetensors.torch import save_file, save_model
 
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (GPT-2's head)
+    tmp.mkdir(exist_ok=True)
+    if weights is None:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (GPT-2's head)
+    else:  # gathered from shards: tied weights are stored once each way, as loaded back
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
-    files = {name: _sha256(tmp / name) for name in FILES}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "sha256": files}))
-    for f in tmp.iterdir():
+    files = sorted(f for f in tmp.rglob("*") if f.is_file())
+    sums = {f.relative_to(tmp).as_posix(): _sha256(f) for f in files}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "sha256": sums}))
+    for f in files + [tmp / MANIFEST]:
         with f.open("rb") as fh:
             os.fsync(fh.fileno())
 
@@ -131,7 +148,7 @@ def verify(path: Path) -> Optional[str]:
     """None if the checkpoint at ``path`` is whole, else why it is not."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-        if sorted(manifest["sha256"]) != sorted(FILES):
+        if set(FILES) - set(manifest["sha256"]):
             return f"{MANIFEST} does not list {' and '.join(FILES)}"
         for name, digest in manifest["sha256"].items():
             if _sha256(path / name) != digest:
@@ -176,9 +193,21 @@ def latest(out: Path) -> Path:
     return next(candidates(out))
 
 
-def load(path: Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Load the weights into ``model`` and return the training state."""
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a checkpoint's ``model.safetensors`` into ``model``."""
     from safetensors.torch import load_model
 
     load_model(model, str(path / "model.safetensors"))
+
+
+def load(path: Path, model: Optional[torch.nn.Module] = None) -> dict[str, Any]:
+    """Load the weights into ``model`` (unless None) and return the training state."""
+    if model is not None:
+        load_weights(model, path)
     return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+
+
+def load_rank(path: Path, rank: int) -> Optional[dict[str, Any]]:
+    """Rank ``rank``'s own state in the checkpoint at ``path`` (None: one written by one process)."""
+    file = path / f"rank-{rank}.pt"
+    return torch.load(file, map_location="cpu", weights_only=True) if file.is_file() else None

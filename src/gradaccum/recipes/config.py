@@ -31,6 +31,7 @@ TASK_DEFAULTS = {
     "lm": {"lr": 1e-4},
 }
 PRECISIONS = ("fp32", "bf16", "fp16")
+SHARDS = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
 LR_RULES = ("none", "linear", "sqrt")
 ACCUM_DTYPES = ("float32", "float64")
 DATA_SUFFIXES = (".csv", ".tsv", ".jsonl")
@@ -93,6 +94,7 @@ class TrainConfig:
     resume: Optional[str] = _field(None, "continue the run in this output directory from its last good checkpoint", metavar="DIR")
     tensorboard: bool = _field(False, "also write TensorBoard events to OUT/tensorboard (needs tensorboard installed)")
     device: str = _field("auto", "cpu, cuda, cuda:N, or auto (cuda when available)", metavar="DEVICE")
+    shard: str = _field("ddp", "under torchrun: ddp (a whole model on every rank), fsdp2 (fully_shard: weights, gradients and optimizer state sharded), zero1, zero2 or zero3 (DeepSpeed ZeRO; needs gradaccum[deepspeed]); gradaccum plan says which fits a memory budget", choices=SHARDS)
     train_limit: Optional[int] = _field(None, "use only the first N training examples (smoke tests)")
     eval_limit: Optional[int] = _field(None, "evaluate on only the first N evaluation examples")
 
@@ -146,6 +148,7 @@ class TrainConfig:
                 raise ConfigError(f"--data {self.data}: the file must end in {', '.join(DATA_SUFFIXES)}")
         if self.model is not None:
             check_model_dir(self.model)
+        _check_shard(self)
 
     @property
     def steps_per_window(self) -> int:
@@ -261,6 +264,21 @@ def check_model_dir(path: str) -> None:
                 f"--model {path}: {name} asks to run the directory's own Python code (auto_map); gradaccum "
                 "never runs code from a model directory. Use a model of a built-in Transformers architecture"
             )
+
+
+def _check_shard(cfg: TrainConfig) -> None:
+    """What a sharded layout cannot do, refused before any work."""
+    if cfg.shard == "ddp":
+        return
+    if cfg.task == "retrieval":
+        raise ConfigError(f"--task retrieval with --shard {cfg.shard}: its window-wide negatives re-encode each "
+                          "micro-batch without sync, which needs a whole model on every rank; use --shard ddp")
+    if cfg.accum_dtype is not None:
+        raise ConfigError(f"--accum-dtype with --shard {cfg.shard}: the sharded engine holds the gradients itself; "
+                          "leave --accum-dtype out")
+    if cfg.shard.startswith("zero") and cfg.precision == "fp16":
+        raise ConfigError(f"--precision fp16 with --shard {cfg.shard}: DeepSpeed's fp16 loss scale is where the "
+                          "window's scale goes; use --precision bf16 (DeepSpeed's bf16) or fp32")
 
 
 def _check_types(cfg: TrainConfig) -> None:

@@ -26,7 +26,9 @@ from .. import Accumulator
 from . import assets, checkpoint, report
 from .config import ConfigError, TrainConfig
 from .data import Batcher, count_windows, read_rows
-from .train import Interrupted, _StopRequest, _distributed, _optimizer, _peak_memory, _prepare_out, _quiet, _restore, check_optional_dependencies
+from .shard import Layout, adamw
+from .train import (Interrupted, _StopRequest, _distributed, _peak_memory, _prepare_out, _quiet, _restore,
+                    check_optional_dependencies, save_checkpoint)
 
 SCALE = 20.0  # cosine similarities times 20 (temperature 0.05), as sentence-transformers' ranking loss
 
@@ -196,13 +198,9 @@ class _Run:
         return result
 
     def save(self, consumed: int) -> Optional[Path]:
-        if self.rank != 0:  # every rank holds the same weights and state at a window boundary
-            return None
         self.progress["consumed"] = consumed
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "accumulator": self.acc.state_dict(), "progress": self.progress,
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
-        return checkpoint.save(self.out, self.acc.state.optimizer_step, self.core, state)
+        return save_checkpoint(self.out, self.rank, self.world, Layout(), self.core, self.optimizer, self.scheduler,
+                               self.acc, self.progress)
 
 
 def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -263,13 +261,11 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
     train = PairBatcher(tokenize(pairs.train_texts), pairs.train_conditions, condition_ids, tok.pad_token_id)
     core = BiEncoder(encoder).to(device)
     core.train()
-    model: torch.nn.Module = core
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
+    # The re-encoding pass of window.encode runs without sync: the whole model on every rank (DDP).
+    model, optimizer, _ = Layout().wrap(core, world, device, cfg.lr, cfg.weight_decay, cfg)
     per_epoch = count_windows(len(train.epoch_order(cfg.seed, 0, rank, world)), cfg.effective_batch)
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
     warmup = int(cfg.warmup) if cfg.warmup >= 1 else round(cfg.warmup * total)
-    optimizer = _optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, warmup, total)
     acc = Accumulator(model, optimizer, steps=cfg.steps_per_window, scheduler=scheduler,
                       max_grad_norm=cfg.max_grad_norm, precision=cfg.precision)
@@ -277,7 +273,7 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
              core, model, optimizer, scheduler, acc, total,
              {"epoch": 0, "consumed": 0, "train_seconds": 0.0, "evals": []}, None, log if rank == 0 else _quiet)
     if cfg.resume:
-        r.progress = _restore(out, core, optimizer, scheduler, acc, r.log)
+        r.progress = _restore(out, core, optimizer, scheduler, acc, r.log, rank=rank, world=world)
     else:
         r.progress["zero_shot"] = r.score()
     if rank == 0:

@@ -23,7 +23,7 @@ import torch
 from .._lr import scale_lr
 from .._text import short
 from ..engine import Accumulator
-from . import checkpoint, report
+from . import checkpoint, report, shard
 from .config import ConfigError, TrainConfig
 from ..data import TokenBudgetSampler
 from .data import Batcher, count_items, count_windows, majority_baseline, resolve_device, tfidf_baseline, unigram_loss
@@ -86,9 +86,12 @@ def check_optional_dependencies(cfg: TrainConfig) -> None:
               "sklearn": "scikit-learn"}
     if cfg.tensorboard:
         needed["tensorboard"] = "tensorboard"
+    if cfg.shard.startswith("zero"):
+        needed["deepspeed"] = "deepspeed"
     missing = [pkg for module, pkg in needed.items() if importlib.util.find_spec(module) is None]
     if missing:
-        raise ConfigError(f"this run needs {', '.join(missing)}: pip install 'gradaccum[train]'"
+        extras = "train,deepspeed" if "deepspeed" in missing else "train"
+        raise ConfigError(f"this run needs {', '.join(missing)}: pip install 'gradaccum[{extras}]'"
                           + (" tensorboard" if "tensorboard" in missing else ""))
 
 
@@ -111,17 +114,6 @@ def _prepare_out(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
         shutil.rmtree(out / "checkpoints")
         (out / "summary.json").unlink()
     return out
-
-
-def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    # The usual transformer recipe: no decay on biases and normalization weights.
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
-    )
 
 
 @torch.no_grad()
@@ -214,17 +206,12 @@ class _Session:
     metrics: Optional[report.MetricsFile]
     tb: Any
     log: Callable[[str], None]
+    layout: shard.Layout
 
     def save(self, consumed: int) -> Optional[Path]:
-        if self.rank != 0:  # every rank holds the same weights and state at a window boundary
-            return None
         self.progress["consumed"] = consumed
-        state = {
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "accumulator": self.acc.state_dict(), "progress": self.progress,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        }
-        return checkpoint.save(self.out, self.acc.state.optimizer_step, self.core, state)
+        return save_checkpoint(self.out, self.rank, self.world, self.layout, self.core, self.optimizer, self.scheduler,
+                               self.acc, self.progress)
 
     def micro_batches(self, epoch: int, consumed: int) -> Iterable[dict[str, Any]]:
         """This rank's micro-batches of ``epoch`` after the first ``consumed``."""
@@ -235,6 +222,39 @@ class _Session:
             return (self.train.collate(index) for index in self.sampler)
         order = self.train.epoch_order(self.cfg.seed, epoch, self.rank, self.world)
         return self.train.micro_batches(order, self.cfg.micro_batch_sizes, skip=consumed)
+
+
+def _rng() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def save_checkpoint(out: Path, rank: int, world: int, layout: shard.Layout, core: torch.nn.Module, optimizer: Any,
+                    scheduler: Any, acc: Accumulator, progress: dict[str, Any]) -> Optional[Path]:
+    """Every rank calls it at the same window boundary. Each rank writes its own position in
+    the data, RNG state and accumulator (``rank-R.pt``: ranks cut token-budget windows and
+    draw dropout differently) and its shard, if the layout has one; rank 0 adds the weights,
+    optimizer, scheduler and progress, and commits the checkpoint. Returns its path on rank 0."""
+    step = acc.state.optimizer_step
+    weights = layout.weights(core)  # collective where the weights are sharded
+    optimizer_state = layout.optimizer_state(optimizer)
+    state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "accumulator": acc.state_dict(),
+             "progress": progress, "rng": _rng(), "world_size": world, "shard": layout.name}
+    if world == 1:
+        return checkpoint.save(out, step, core, state, weights=weights)
+    token = [os.getpid()]
+    torch.distributed.broadcast_object_list(token, src=0)  # one staging directory for all ranks
+    staged = checkpoint.staging(out, step, token[0])
+    if rank == 0:
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+    torch.distributed.barrier()
+    torch.save({"consumed": progress["consumed"], "rng": _rng(), "accumulator": acc.state_dict()},
+               staged / f"rank-{rank}.pt")
+    layout.save_ranks(staged)
+    torch.distributed.barrier()  # every share is on disk before rank 0 checksums and commits
+    path = checkpoint.save(out, step, core, state, weights=weights, staged=staged) if rank == 0 else None
+    torch.distributed.barrier()
+    return path
 
 
 def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -296,26 +316,26 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Session:
 
     import transformers
 
-    core = prep.model.to(device)  # saved, evaluated and loaded unwrapped
+    core = prep.model.to(device)  # saved, evaluated and loaded unwrapped (sharded in place by fsdp2/zero3)
     core.train()
-    model = core
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = _optimizer(model, lr, cfg.weight_decay)
-    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, warmup, total)
+    layout = shard.layout(cfg.shard)
+    if world == 1 and cfg.shard != "ddp":
+        raise ConfigError(f"--shard {cfg.shard} shards the model over ranks: start the run under torchrun "
+                          f"(torchrun --nproc-per-node N -m gradaccum train ...), or leave --shard at ddp")
+    model, optimizer, stepped = layout.wrap(core, world, device, lr, cfg.weight_decay, cfg)
+    scheduler = transformers.get_linear_schedule_with_warmup(stepped, warmup, total)
     acc = Accumulator(
         model, optimizer, steps=sampler if sampler is not None else cfg.steps_per_window, scheduler=scheduler,
-        max_grad_norm=cfg.max_grad_norm, precision=cfg.precision,
+        max_grad_norm=cfg.max_grad_norm, precision="fp32" if layout.precision_of_engine else cfg.precision,
         accum_dtype=getattr(torch, cfg.accum_dtype) if cfg.accum_dtype else None,
         # The word embeddings' gradient is most of what accumulation holds through a forward.
-        compact_embedding_grads=True,
+        compact_embedding_grads=layout.compact,
     )
     progress: dict[str, Any] = {"epoch": 0, "consumed": 0, "train_seconds": 0.0, "evals": [],
                                 "padded_tokens": 0, "real_tokens": 0}
     if cfg.resume:
-        progress = {"padded_tokens": 0, "real_tokens": 0, **_restore(out, core, optimizer, scheduler, acc, log)}
+        progress = {"padded_tokens": 0, "real_tokens": 0,
+                    **_restore(out, core, optimizer, scheduler, acc, log, rank=rank, world=world, layout=layout)}
     metrics, tb = None, None
     if rank == 0:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -323,14 +343,14 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Session:
         tb = writer_cls(str(out / "tensorboard")) if writer_cls else None
     weights = class_weights(splits.train_labels, len(splits.labels), cfg.class_weights) if cfg.task != "lm" else None
     s = _Session(cfg, rank, world, device, out, prep, train, held, sampler, core, model, optimizer, scheduler, acc,
-                 total, lr, weights, progress, metrics, tb, log)
+                 total, lr, weights, progress, metrics, tb, log, layout)
     cut = (f"each window sorted by length and cut at {sampler.max_tokens} padded tokens (--batching tokens)"
            if sampler is not None else f"micro-batch {cfg.micro_batch} x k {cfg.steps_per_window}"
            + (f" (micro-batches {cfg.micro_batch_sizes})" if len(set(cfg.micro_batch_sizes)) > 1 else ""))
     log(f"gradaccum train: {cfg.task} on {splits.source}; {len(train.ids)} train / {len(held.ids)} eval examples, "
         f"max length {prep.max_length}\n"
         f"  effective batch {cfg.effective_batch * world}: --effective-batch {cfg.effective_batch} per rank x {world} rank(s); "
-        f"{cut}\n  {total} optimizer steps; lr {lr:g}; {device}")
+        f"{cut}\n  {total} optimizer steps; lr {lr:g}; {device}" + (f"; --shard {cfg.shard}" if world > 1 else ""))
     return s
 
 
@@ -423,7 +443,7 @@ def _epochs(s: _Session, stop: "_StopRequest", stop_after: Optional[int]) -> Opt
                 break
         if not done:
             progress["epoch"], progress["consumed"] = epoch + 1, 0
-        result = _evaluate_rank0(s.core, s.held, s.device, cfg.precision, s.rank, s.world)
+        result = _evaluate_rank0(s.core, s.held, s.device, cfg.precision, s.rank, s.world, s.layout.evaluate_everywhere)
         progress["evals"].append({"step": acc.state.optimizer_step, "epoch": epoch + 1, **result})
         log(f"epoch {epoch + 1}: eval " + ", ".join(f"{k2} {v:.4f}" for k2, v in result.items()))
         if s.tb is not None:
@@ -452,7 +472,8 @@ def _finish(s: _Session) -> dict[str, Any]:
         s.tb.close()
     if not progress["evals"] or progress["evals"][-1]["step"] != s.acc.state.optimizer_step:
         progress["evals"].append({"step": s.acc.state.optimizer_step, "epoch": progress["epoch"] + 1,
-                                  **_evaluate_rank0(s.core, s.held, s.device, cfg.precision, s.rank, s.world)})
+                                  **_evaluate_rank0(s.core, s.held, s.device, cfg.precision, s.rank, s.world,
+                                                    s.layout.evaluate_everywhere)})
     final = progress["evals"][-1]
     summary: dict[str, Any] = {
         "config": cfg.to_dict(),
@@ -487,21 +508,37 @@ def _finish(s: _Session) -> dict[str, Any]:
 
 
 def _restore(out: Path, core: torch.nn.Module, optimizer: Any, scheduler: Any, acc: Accumulator,
-             log: Callable[[str], None]) -> dict[str, Any]:
+             log: Callable[[str], None], *, rank: int = 0, world: int = 1,
+             layout: Optional[shard.Layout] = None) -> dict[str, Any]:
     """Load the newest checkpoint that loads whole; fall back past any that does not (another
-    model's shapes, a foreign or damaged state) to the previous one."""
+    model's shapes, a foreign or damaged state) to the previous one. Each rank takes its own
+    position in the data, RNG state and accumulator from its ``rank-R.pt``."""
+    layout = layout or shard.Layout()
     reasons = []
     for path in checkpoint.candidates(out):
         try:
-            state = checkpoint.load(path, core)
-            optimizer.load_state_dict(state["optimizer"])
+            state = checkpoint.load(path)
+            saved_world = state.get("world_size", 1)
+            if saved_world != world:
+                raise ConfigError(
+                    f"--resume {out}: the run was trained on {saved_world} rank(s) and is resumed on {world}; "
+                    f"the global batch and each rank's share of the data would change. Resume it with "
+                    f"{saved_world} process(es) (torchrun --nproc-per-node {saved_world})"
+                )
+            layout.load(path, core, optimizer, state, checkpoint.load_weights)
             scheduler.load_state_dict(state["scheduler"])
-            acc.load_state_dict(state["accumulator"])
+            own = checkpoint.load_rank(path, rank) if world > 1 else None
+            acc.load_state_dict((own or state)["accumulator"])
             progress = state["progress"]
             if not isinstance(progress, dict) or {"epoch", "consumed", "train_seconds", "evals"} - set(progress):
                 raise ValueError("its progress record is incomplete")
-            torch.set_rng_state(state["rng"]["torch"])
-            random.setstate(state["rng"]["python"])
+            rng = (own or state)["rng"]
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if own is not None:
+                progress = {**progress, "consumed": own["consumed"]}
+        except ConfigError:
+            raise
         except Exception as exc:  # anything a damaged or foreign checkpoint can raise
             reason = f"{type(exc).__name__}: {short(str(exc), 200)}"
             reasons.append(f"{path.name}: {reason}")
@@ -533,9 +570,10 @@ def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return torch.distributed.get_rank(), world, device
 
 
-def _evaluate_rank0(model, held, device, precision, rank, world) -> dict[str, Any]:
-    """Rank 0 evaluates the unwrapped model; the result is shared so every rank logs the same."""
-    result = evaluate(model, held, device, precision) if rank == 0 else None
+def _evaluate_rank0(model, held, device, precision, rank, world, everywhere: bool = False) -> dict[str, Any]:
+    """Rank 0 evaluates the unwrapped model; the result is shared so every rank logs the same.
+    ``everywhere``: sharded weights are gathered inside each forward, so every rank runs it."""
+    result = evaluate(model, held, device, precision) if rank == 0 or everywhere else None
     if world > 1:
         box = [result]
         torch.distributed.broadcast_object_list(box, src=0)

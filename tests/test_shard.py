@@ -1,0 +1,111 @@
+"""``gradaccum train --shard`` under torchrun (2 CPU ranks): every layout trains the same
+weights as DDP, and a run cut after a checkpoint resumes to the uninterrupted run's weights.
+
+The cut is made deterministic: the uninterrupted run saves every step; its last checkpoint
+and summary are then removed, as if it had died after the one before, and ``--resume``
+finishes it again. Dropout is on and windows are cut by tokens (each rank its own cut), so
+the resumed run matches only if every rank gets back its own RNG and place in the data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+ARGS = ["--task", "lm", "--effective-batch", "6", "--micro-batch", "4", "--max-steps", "4", "--max-length", "24",
+        "--train-limit", "40", "--eval-limit", "8", "--save-every", "1"]
+
+
+def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(nproc), "-m", "gradaccum", "train", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def _rows(out) -> list[list[str]]:
+    """metrics.csv without its last column, the seconds each step took."""
+    return [line.split(",")[:-1] for line in (out / "metrics.csv").read_text().splitlines()]
+
+
+def _same(a: dict, b: dict) -> float:
+    # ddp saves GPT-2's tied embedding once; a gathered copy has both names.
+    return max(float((a[k] - b[k]).abs().max()) for k in a if k in b)
+
+
+deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="the [deepspeed] extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """The uninterrupted DDP run every layout is compared with."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    proc = _torchrun(*ARGS, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("shard", ["ddp", "fsdp2", pytest.param("zero1", marks=deepspeed),
+                                   pytest.param("zero2", marks=deepspeed), pytest.param("zero3", marks=deepspeed)])
+def test_each_layout_trains_and_resumes_to_the_uninterrupted_run(tmp_path, ddp_run, shard):
+    out = tmp_path / shard
+    if shard == "ddp":
+        shutil.copytree(ddp_run, out)
+    else:
+        proc = _torchrun(*ARGS, "--shard", shard, "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    last, before = out / "checkpoints" / "step-0000004", out / "checkpoints" / "step-0000003"
+    straight = _weights(last)
+    # The same weights as DDP (sharded reductions add in another order: 1e-6).
+    assert _same(straight, _weights(ddp_run / "checkpoints" / "step-0000004")) < 1e-6
+    for r in range(2):  # every rank saved its own place in the data and RNG state
+        own = torch.load(before / f"rank-{r}.pt", weights_only=True)
+        assert {"consumed", "rng", "accumulator"} <= set(own)
+    rows = _rows(out)
+    shutil.rmtree(last)
+    (out / "summary.json").unlink()
+    proc = _torchrun("--resume", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout and "step 3" in proc.stdout
+    assert _same(_weights(last), straight) == 0.0  # bit for bit
+    assert _rows(out) == rows
+
+
+def test_resume_on_another_number_of_ranks_is_refused_naming_both(tmp_path):
+    out = tmp_path / "run"
+    assert _torchrun(*ARGS, "--max-steps", "2", "--out", str(out)).returncode == 0
+    (out / "summary.json").unlink()
+    shutil.rmtree(out / "checkpoints" / "step-0000002")
+    proc = _torchrun("--resume", str(out), nproc=1)
+    assert proc.returncode != 0
+    assert "trained on 2 rank(s) and is resumed on 1" in proc.stderr and "--nproc-per-node 2" in proc.stderr
+
+
+def test_sharded_layouts_refuse_what_they_cannot_do(tmp_path):
+    from gradaccum.recipes.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="--task retrieval with --shard zero2"):
+        TrainConfig(task="retrieval", shard="zero2")
+    with pytest.raises(ConfigError, match="--precision fp16 with --shard zero3"):
+        TrainConfig(shard="zero3", precision="fp16")
+    with pytest.raises(ConfigError, match="--accum-dtype with --shard fsdp2"):
+        TrainConfig(shard="fsdp2", accum_dtype="float32")
+    with pytest.raises(ConfigError, match="--shard must be one of"):
+        TrainConfig(shard="zero4")
+    proc = subprocess.run([sys.executable, "-m", "gradaccum", "train", *ARGS, "--shard", "fsdp2", "--out",
+                           str(tmp_path / "one")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "start the run under torchrun" in proc.stderr
