@@ -132,6 +132,17 @@ def test_plan_parses_budgets_and_recommends_the_fastest_that_fits():
     assert recommend(trials, 16).micro_batch == 4  # the largest that fits is not the fastest
 
 
+def test_plan_names_the_least_sharded_mode_that_fits():
+    from gradaccum.recipes.plan import SHARD_ORDER, shard_bytes
+
+    params = 1_000_000  # 16 MB of state whole: 4 weights + 4 gradient + 8 AdamW bytes each
+    per_rank = {m: shard_bytes(m, params, 4) for m in SHARD_ORDER}
+    assert per_rank["ddp"] == 16_000_000 and per_rank["zero3"] == 4_000_000
+    assert per_rank["ddp"] > per_rank["zero1"] > per_rank["zero2"] >= per_rank["fsdp2"] > per_rank["zero3"]
+    budget = 8_000_000
+    assert [m for m in SHARD_ORDER if per_rank[m] <= budget][0] == "zero2"
+
+
 def test_plan_command_and_micro_batch_auto(tmp_path, capsys, monkeypatch):
     pytest.importorskip("transformers")
     from gradaccum.cli import main
@@ -140,6 +151,8 @@ def test_plan_command_and_micro_batch_auto(tmp_path, capsys, monkeypatch):
     assert main(["plan", *tiny, "--memory-budget", "8GiB"]) == 0
     printed = capsys.readouterr().out
     assert "recommended: --micro-batch" in printed and "recommended token budget" in printed
+    # 8 GiB holds this small model whole on every rank: DDP, the least communication.
+    assert "--shard for 2 ranks: ddp" in printed and "-> ddp" in printed
     out = tmp_path / "run"
     assert main(["train", *tiny, "--micro-batch", "auto", "--epochs", "1", "--out", str(out)]) == 0
     saved = json.loads((out / "config.json").read_text())

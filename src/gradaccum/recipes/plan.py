@@ -11,7 +11,9 @@ longest examples of the training data (the worst case of dynamic padding):
   that can only err on the high side.
 
 The recommendation is the size with the highest measured throughput among those whose peak
-fits the budget: not merely the largest that fits.
+fits the budget: not merely the largest that fits. Then, for 2, 4 and 8 ranks, the first
+``--shard`` mode (least communication first) whose model state per rank plus that measured
+peak fits too (:func:`shard_bytes`).
 """
 
 from __future__ import annotations
@@ -80,6 +82,26 @@ def measure(step: Callable[[int], None], size: int, device: torch.device, base: 
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_kib("VmHWM") * 1024
     return max(0, peak - base), sorted(times)[len(times) // 2]
+
+
+SHARD_ORDER = ("ddp", "zero1", "zero2", "fsdp2", "zero3")  # least communication first
+
+
+def shard_bytes(mode: str, params: int, world: int, param_bytes: int = 4) -> int:
+    """Model state one rank holds under ``--shard mode`` with AdamW: weights, gradients (as
+    ``gradaccum train`` runs each mode) and the optimizer's two fp32 moments.
+
+    ddp holds all three whole; zero1 shards the optimizer; zero2 also the gradients (it
+    reduces per micro-batch to keep them sharded); fsdp2 shards weights and optimizer but
+    holds the window's unsharded gradient until its one reduction; zero3 shards all three.
+
+    >>> [shard_bytes(m, 1000, 4) for m in ("ddp", "zero1", "zero2", "fsdp2", "zero3")]
+    [16000, 10000, 7000, 7000, 4000]
+    """
+    weights, grads, optim = params * param_bytes, params * 4, params * 8
+    shard = {"ddp": (1, 1, 1), "zero1": (1, 1, world), "zero2": (1, world, world),
+             "fsdp2": (world, 1, world), "zero3": (world, world, world)}[mode]
+    return weights // shard[0] + grads // shard[1] + optim // shard[2]
 
 
 def recommend(trials: list[Trial], effective_batch: int) -> Optional[Trial]:
@@ -153,7 +175,18 @@ def plan(cfg: TrainConfig, budget: Optional[int] = None, log: Callable[[str], No
     short_peak, _ = measure(lambda n: step(n, index), rows, device, base)
     log(f"recommended: --micro-batch {best.micro_batch} (k = {k}), {best.samples_per_second:.1f} samples/s, "
         f"peak {best.peak_bytes / 2**20:.1f} MiB")
+    params = sum(p.numel() for p in model.parameters())
+    # The measured peak holds one whole gradient beside the activations: each mode's own
+    # gradient share is in shard_bytes instead.
+    activations = max(0, best.peak_bytes - params * 4)
+    shards = {}
+    for world in (2, 4, 8):
+        fits = [m for m in SHARD_ORDER if shard_bytes(m, params, world) + activations <= budget]
+        shards[world] = fits[0] if fits else None
+        log(f"  --shard for {world} ranks: " + ", ".join(
+            f"{m} {(shard_bytes(m, params, world) + activations) / 2**20:.0f} MiB" for m in SHARD_ORDER)
+            + f" per rank -> {fits[0] if fits else 'none fits: lower --micro-batch or --max-length'}")
     log(f"recommended token budget (--batching tokens): --max-tokens {tokens} ({best.micro_batch} x {width} tokens); "
         f"{rows} of the shortest texts under it peak at {short_peak / 2**20:.1f} MiB")
-    return {"micro_batch": best.micro_batch, "k": k, "max_tokens": tokens, "budget_bytes": budget,
+    return {"micro_batch": best.micro_batch, "k": k, "max_tokens": tokens, "budget_bytes": budget, "shard": shards,
             "short_rows_peak_bytes": short_peak, "trials": [dataclasses.asdict(t) for t in trials]}

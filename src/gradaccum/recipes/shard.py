@@ -39,6 +39,7 @@ class Layout:
     name = "ddp"
     evaluate_everywhere = False  # rank 0 alone can run a forward
     precision_of_engine = False  # the Accumulator's precision is the run's
+    sync_every_micro_batch = False  # one gradient reduction per window
 
     def wrap(self, core: torch.nn.Module, world: int, device: torch.device, lr: float, weight_decay: float,
              cfg: Any) -> tuple[torch.nn.Module, Any, torch.optim.Optimizer]:
@@ -131,7 +132,11 @@ class FSDP2(Layout):
 
 class Zero(Layout):
     """DeepSpeed ZeRO stage 1, 2 or 3 over the model and AdamW; its checkpoints are DeepSpeed's
-    own (every rank writes its partitions), inside the run's checkpoint directory."""
+    own (every rank writes its partitions), inside the run's checkpoint directory.
+
+    zero1 reduces the gradient once per window; zero2 reduce-scatters after every micro-batch
+    so that its gradients stay sharded (chosen for memory, it would otherwise hold them whole
+    like zero1); zero3 reduce-scatters per micro-batch by design."""
 
     evaluate_everywhere = False
     precision_of_engine = True  # bf16 is DeepSpeed's config section; the Accumulator stays fp32
@@ -140,6 +145,7 @@ class Zero(Layout):
         self.stage = stage
         self.name = f"zero{stage}"
         self.engine: Any = None
+        self.sync_every_micro_batch = stage == 2
 
     @property
     def compact(self) -> bool:
