@@ -217,3 +217,51 @@ def accelerate_exact(rank, world, stage, guard, clip=0.05):
         refused = str(exc)
     accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
     return {"weights": weights, "windows": windows, "norms": norms, "refused": refused}
+
+
+def lightning(rank, world, stage, exact):
+    """Lightning's DeepSpeedStrategy with ExactAccumulation (or stock), k=4, SGD; the weights
+    before and after. Lightning runs that strategy on CUDA only: the test's subclass lifts that
+    check (and the device index DeepSpeed wants), nothing else."""
+    _environment(rank, world)
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    from gradaccum.lightning import ExactAccumulation
+
+    class CPUDeepSpeed(DeepSpeedStrategy):
+        def setup_environment(self):
+            DDPStrategy.setup_environment(self)
+
+        @property
+        def root_device(self):
+            return torch.device("cpu", 0)
+
+        def setup_distributed(self):
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+    class Module(pl.LightningModule):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def training_step(self, seqs, batch_idx):
+            loss, n = lm_mean_loss(self.net, seqs)
+            return {"loss": loss, "num_items": n} if exact else loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR)
+
+    torch.manual_seed(0)
+    module = Module(TinyLM())
+    before = [p.detach().double().clone() for p in module.net.parameters()]
+    data = micro_batches([3, 5, 2, 4, 6, 1, 3, 4], seed=5)
+    strategy = CPUDeepSpeed(stage=stage, config={"zero_allow_untested_optimizer": True,
+                                                 "train_micro_batch_size_per_gpu": 1})
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, accumulate_grad_batches=4,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, use_distributed_sampler=False,
+                         callbacks=[ExactAccumulation()] if exact else [])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    return {"before": before, "after": full_weights(trainer.strategy.deepspeed_engine), "data": data}

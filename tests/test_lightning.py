@@ -138,20 +138,43 @@ def _setup_with(strategy):
     ExactAccumulation().setup(Trainer(), Module(TinyLM()), "fit")
 
 
-def test_deepspeed_and_unknown_strategies_are_refused_at_fit():
-    # DeepSpeedStrategy refuses to start without CUDA, so the refusal is checked on the object
-    # itself; on a GPU the next tests run it through Trainer.fit.
+def test_unknown_strategies_are_refused_at_fit():
     from lightning.pytorch import strategies
 
-    with pytest.raises(ValueError, match="DeepSpeedStrategy.*gradaccum.Accumulator"):
-        _setup_with(strategies.DeepSpeedStrategy.__new__(strategies.DeepSpeedStrategy))
-
-    with pytest.raises(ValueError, match="ExactAccumulation under ModelParallelStrategy: supported are one device, DDP and FSDP"):
+    with pytest.raises(ValueError, match="ExactAccumulation under ModelParallelStrategy: supported are one device, DDP, FSDP"):
         _setup_with(strategies.ModelParallelStrategy.__new__(strategies.ModelParallelStrategy))
     _setup_with(strategies.SingleDeviceStrategy(device=torch.device("cpu")))  # accepted
+    _setup_with(strategies.DeepSpeedStrategy.__new__(strategies.DeepSpeedStrategy))  # accepted
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDP and DeepSpeed strategies need CUDA")
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_deepspeed_strategy_equals_the_big_batch_and_stock_does_not(tmp_path, stage):
+    # Two windows of k=4 micro-batches of different token counts, SGD. Stock Lightning under
+    # DeepSpeed divides by k twice (its own 1/k, and DeepSpeed's backward again).
+    pytest.importorskip("deepspeed")
+    import dist_workers
+    import deepspeed_workers
+
+    got = dist_workers.spawn(deepspeed_workers.lightning, 1, tmp_path, stage, True)[0]
+    assert "error" not in got, got.get("trace")
+    reference = TinyLM().double()
+    with torch.no_grad():
+        for p, v in zip(reference.parameters(), got["before"]):
+            p.copy_(v)
+    for w in range(2):  # plain SGD on each window's float64 big batch
+        grads = big_batch_lm_grads(reference, got["data"][4 * w: 4 * w + 4])
+        with torch.no_grad():
+            for p, g in zip(reference.parameters(), grads):
+                p -= deepspeed_workers.LR * g
+    want = [p.detach() - b for p, b in zip(reference.parameters(), got["before"])]
+    assert rel_error([a - b for a, b in zip(got["after"], got["before"])], want) < 1e-4
+    if stage == 2:
+        (tmp_path / "stock").mkdir()
+        stock = dist_workers.spawn(deepspeed_workers.lightning, 1, tmp_path / "stock", stage, False)[0]
+        assert rel_error([a - b for a, b in zip(stock["after"], stock["before"])], want) > 0.5  # 0.775 measured
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDP strategy needs CUDA")
 
 
 @gpu
@@ -173,15 +196,3 @@ def test_fsdp_strategy_on_a_gpu_equals_the_big_batch():
     for w, got in enumerate(module.opt.seen):
         want = big_batch_lm_grads(net, data[4 * w: 4 * w + 4])
         assert rel_error([g.cpu() for g in got], want) < 1e-5
-
-
-@gpu
-def test_deepspeed_strategy_on_a_gpu_is_refused_at_fit():
-    pytest.importorskip("deepspeed")
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    trainer = pl.Trainer(accelerator="cuda", devices=1, strategy=DeepSpeedStrategy(stage=2), max_epochs=1,
-                         accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[ExactAccumulation()])
-    with pytest.raises(ValueError, match="DeepSpeedStrategy"):
-        trainer.fit(Module(TinyLM()), torch.utils.data.DataLoader(micro_batches([2, 2], seed=1), batch_size=None))

@@ -39,12 +39,13 @@ class ExactAccumulation(pl.Callback):
     ``num_items`` every micro-batch of a window weighs the same, and a partial last window
     is still a mean. Logs ``train_loss``: the window's item-weighted mean loss.
 
-    Strategies: one device, DDP (any launcher) and ``FSDPStrategy`` (its sharded gradients
-    are scaled where they are: the scale is one number). Refused at ``fit`` with a clear
-    error: ``DeepSpeedStrategy`` (the engine owns the gradients and the boundary; use
-    ``gradaccum.Accumulator`` over ``deepspeed.initialize``'s engine, or ``ExactAccelerator``
-    with Accelerate's DeepSpeed plugin), any other strategy, ``GradientAccumulationScheduler``
-    (k changing by epoch), manual optimization, and more than one optimizer.
+    Strategies: one device, DDP (any launcher), ``FSDPStrategy`` (its sharded gradients
+    are scaled where they are: the scale is one number) and ``DeepSpeedStrategy`` (the
+    window's scale goes through the engine's DeepSpeed adapter at DeepSpeed's boundary;
+    stock Lightning divides by k twice there, once itself and once in DeepSpeed's backward).
+    Refused at ``fit`` with a clear error: any other strategy,
+    ``GradientAccumulationScheduler`` (k changing by epoch), manual optimization, and more
+    than one optimizer.
 
     Example:
         >>> trainer = Trainer(accumulate_grad_batches=8, gradient_clip_val=1.0,  # doctest: +SKIP
@@ -58,6 +59,7 @@ class ExactAccumulation(pl.Callback):
         self._micro_batches = 0
         self._n: Optional[float] = None
         self._weighted: Optional[bool] = None
+        self._deepspeed: Any = None  # the engine's DeepSpeed adapter, under DeepSpeedStrategy
 
     # -- checks ---------------------------------------------------------------------
 
@@ -93,6 +95,17 @@ class ExactAccumulation(pl.Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if len(trainer.optimizers) != 1:
             raise ValueError(f"ExactAccumulation supports one optimizer; this module configures {len(trainer.optimizers)}")
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            from .engine.deepspeed import DeepSpeed
+            from .engine.grads import DenseStore, Stores
+
+            engine = trainer.strategy.deepspeed_engine
+            self._deepspeed = DeepSpeed(engine)
+            params = [p for p in engine.module.parameters() if p.requires_grad]
+            # Without ZeRO the reduced gradient is in .grad, where a plain store scales it.
+            self._ds_stores = Stores([] if self._deepspeed.owns_gradients else [DenseStore(params, list(range(len(params))))])
 
     # -- each micro-batch --------------------------------------------------------------
 
@@ -114,8 +127,11 @@ class ExactAccumulation(pl.Callback):
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
         if self._n is None:
             raise RuntimeError("ExactAccumulation saw a backward without a training_step output: is training_step overridden after setup?")
-        # Lightning hands backward the loss divided by k; the hook makes the seed n / r instead.
+        # Lightning hands backward the loss divided by k (DeepSpeed's backward divides by its
+        # accumulation steps again); the hook makes the seed n / r instead.
         factor = trainer.accumulate_grad_batches * self._n / self._reference
+        if self._deepspeed is not None:
+            factor *= self._deepspeed.engine.gradient_accumulation_steps()
         if loss.requires_grad and factor != 1.0:
             loss.register_hook(lambda g: g * factor)
         self._items += self._n
@@ -125,6 +141,9 @@ class ExactAccumulation(pl.Callback):
     # -- the window's end ----------------------------------------------------------------
 
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
+        ds = self._deepspeed
+        if ds is not None and not ds.engine.is_gradient_accumulation_boundary():
+            return  # DeepSpeed's step is called every micro-batch and updates only at its boundary
         loss_sum = torch.as_tensor(self._loss_sum, dtype=torch.float64, device=pl_module.device).reshape(1)
         counts = torch.cat([torch.tensor([self._items, float(self._micro_batches)], dtype=torch.float64,
                                          device=pl_module.device), loss_sum])
@@ -132,13 +151,21 @@ class ExactAccumulation(pl.Callback):
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
         items, micro_batches, loss_sum = counts.tolist()
         factor = self._reference * trainer.world_size / items
-        with torch.no_grad():
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if grads and factor != 1.0:
-                torch._foreach_mul_(grads, factor)
+        if ds is not None:
+            ds.finalize(self._ds_stores, factor)  # ZeRO: through the loss scale its step divides by
+        else:
+            with torch.no_grad():
+                grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+                if grads and factor != 1.0:
+                    torch._foreach_mul_(grads, factor)
         pl_module.log("train_loss", loss_sum / items, on_step=True, on_epoch=False, prog_bar=True, sync_dist=False)
         self._reference = items / micro_batches
         self._items, self._loss_sum, self._micro_batches, self._weighted = 0.0, 0.0, 0, None
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._deepspeed is not None:
+            self._deepspeed.reset_scale()  # DeepSpeed stepped (or not): the next backwards are unscaled
 
     # -- checkpoints -------------------------------------------------------------------
 
@@ -153,17 +180,10 @@ def _check_strategy(strategy: Any) -> None:
     """Refuse a strategy under which the callback's two hooks cannot make the update exact."""
     from lightning.pytorch import strategies
 
-    if isinstance(strategy, strategies.DeepSpeedStrategy):
-        raise ValueError(
-            "ExactAccumulation under DeepSpeedStrategy: DeepSpeed owns the gradients (partitioned under "
-            "ZeRO) and runs the accumulation itself, dividing by k on top of Lightning's 1/k, so the "
-            "callback's scale cannot reach them. Use gradaccum.Accumulator over the engine that "
-            "deepspeed.initialize returns (docs/deepspeed.md), or ExactAccelerator with Accelerate's DeepSpeed plugin"
-        )
-    supported = (strategies.SingleDeviceStrategy, strategies.DDPStrategy, strategies.FSDPStrategy)
+    supported = (strategies.SingleDeviceStrategy, strategies.DDPStrategy, strategies.FSDPStrategy)  # DeepSpeed's too
     if not isinstance(strategy, supported):
         raise ValueError(
-            f"ExactAccumulation under {type(strategy).__name__}: supported are one device, DDP and FSDPStrategy, "
-            "where the window's gradient is in the optimizer's parameters' .grad when the optimizer steps. "
+            f"ExactAccumulation under {type(strategy).__name__}: supported are one device, DDP, FSDPStrategy and "
+            "DeepSpeedStrategy, where the callback's scale can reach the window's gradient before the update. "
             "Use one of those, or gradaccum.Accumulator in a manual-optimization training_step"
         )

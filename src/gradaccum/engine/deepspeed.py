@@ -126,14 +126,19 @@ class DeepSpeed(Collective):
         applied = bool(engine.was_step_applied())
         if not self.owns_gradients:
             return None if applied else (float("nan"), False)
-        engine.optimizer.override_loss_scale(1.0)  # the next window's backwards are unscaled
+        self.reset_scale()
         norm = engine.get_global_grad_norm()
         return (float(norm) if norm is not None else float("nan")), applied
 
-    def abandon(self) -> None:
-        self._end_window()
+    def reset_scale(self) -> None:
+        """After the step: the next window's backwards are unscaled again."""
         if self.owns_gradients:
             self.engine.optimizer.override_loss_scale(1.0)
+
+    def abandon(self) -> None:
+        self._end_window()
+        self.reset_scale()
+        if self.owns_gradients:
             self.engine.optimizer.zero_grad(set_to_none=True)
 
 
