@@ -159,6 +159,13 @@ def refusals(rank, world):
             out[name] = None
         except (TypeError, ValueError) as exc:
             out[name] = str(exc)
+    import warnings
+
+    gas_engine, gas_optimizer = engine_for(2, {"gradient_accumulation_steps": 3, "train_batch_size": 3 * world})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gradaccum.Accumulator(gas_engine, gas_optimizer, steps=2)
+    out["notices"] = [str(w.message) for w in caught if "gradient_accumulation_steps" in str(w.message)]
     acc = gradaccum.Accumulator(engine, optimizer, steps=2, max_grad_norm=1.0)  # the same norm: accepted
     for window in acc.windows(micro_batches([2, 2], seed=rank)):
         for batch in window:

@@ -135,6 +135,8 @@ def test_what_cannot_hold_is_refused_with_the_reason(tmp_path):
         assert "window.encode() under DeepSpeed ZeRO-2" in r["encode"]
         assert "Use window.step()" in r["finish"]
         assert not r["report"].skipped and r["report"].step == 1
+        # A config's accumulation steps change nothing here: one notice says so.
+        assert len(r["notices"]) == 1 and "does not set the boundary here" in r["notices"][0]
 
 
 def test_the_docs_loop_runs_as_written_under_torchrun(tmp_path):
