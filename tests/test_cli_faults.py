@@ -351,3 +351,37 @@ def test_resume_falls_back_past_a_damaged_or_foreign_checkpoint(tmp_path, capsys
         assert ("cannot be loaded" in err or "damaged" in err) and newest.name in err, err
     assert not marker.exists()
     assert json.loads((out / "summary.json").read_text())["optimizer_steps"] == 4
+
+
+def test_data_files_are_read_strictly_and_errors_name_the_line(tmp_path):
+    # Each of these trained silently on something else, or failed without a line, before.
+    import os
+
+    from gradaccum.recipes.config import ConfigError, TrainConfig
+    from gradaccum.recipes.data import load_splits
+
+    def refused(name: str, content: bytes, message: str) -> None:
+        f = tmp_path / name
+        f.write_bytes(content)
+        with pytest.raises(ConfigError, match=message):
+            load_splits(TrainConfig(data=str(f)))
+
+    good = "".join(f"review {i},{'good' if i % 2 else 'bad'}\n" for i in range(20))
+    refused("dup.csv", ("text,label,text\n" + "".join(f"a{i},x,b{i}\n" for i in range(5))).encode(),
+            "the header has the column 'text' twice")
+    refused("dup.jsonl", b'{"text": "a", "label": "x"}\n{"text": "b", "label": "y", "text": "c"}\n',
+            "line 2 has the key 'text' twice")
+    lines = good.splitlines(keepends=True)
+    lines[4] = '"review 4,bad\n'  # an unterminated quote: it would swallow the lines after it
+    refused("open.csv", ("text,label\n" + "".join(lines)).encode(), "not a readable CSV|field\\(s\\) for 2 columns")
+    refused("short.csv", ("text,label\n" + good + "lonely\n").encode(), "line 22 has 1 field\\(s\\) for 2 columns")
+    refused("list.jsonl", b'{"text": "a", "label": "x"}\n{"text": ["b", "c"], "label": "y"}\n',
+            "--text-field 'text' on line 2 is a list")
+    refused("latin1.csv", ("text,label\n" + good).encode() + "caf\u00e9,good\n".encode("latin-1"),
+            "line 22 is not UTF-8 \\(byte 0xe9\\)")
+    with pytest.raises(ConfigError, match="a directory, not a file"):
+        TrainConfig(data=str(tmp_path))
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        TrainConfig(data=str(fifo))

@@ -142,6 +142,11 @@ class TrainConfig:
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {short(self.device)}")
         if self.data is not None:
             path = Path(self.data)
+            if path.is_dir():
+                raise ConfigError(f"--data {self.data}: a directory, not a file; give the CSV, TSV or JSONL file in it")
+            if path.exists() and not path.is_file():
+                raise ConfigError(f"--data {self.data}: not a regular file (a pipe or a device); copy the data into "
+                                  "a file and give that")
             if not path.is_file():
                 raise ConfigError(f"--data {self.data}: no such file")
             if path.suffix.lower() not in DATA_SUFFIXES:

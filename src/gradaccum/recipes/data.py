@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import io
 import dataclasses
 import json
 import random
@@ -99,32 +100,66 @@ def read_rows(cfg: TrainConfig) -> tuple[list[dict[str, str]], list[dict[str, st
     return [rows[i] for i in sorted(order[cut:])], [rows[i] for i in sorted(order[:cut])]
 
 
-def _read_table(path: Path, cfg: TrainConfig) -> list[dict[str, str]]:
-    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which is not a column name.
-    rows, lines = [], []  # each row and the line of the file it starts on, for messages
+def _decode(path: Path) -> str:
+    """The file as text; a byte that is not UTF-8 is reported with its line."""
     try:
-        with path.open(encoding="utf-8-sig", newline="") as fh:
-            if path.suffix.lower() == ".jsonl":
-                for number, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as exc:
-                            raise ConfigError(f"--data {path}: line {number} is not JSON ({exc.msg}, column {exc.colno})") from None
-                        lines.append(number)
-            else:
-                # A review can be long; texts are truncated to --max-length tokens anyway.
-                csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-                reader = csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-                start = 2
-                for row in reader:
-                    rows.append(row)
-                    lines.append(start)
-                    start = reader.line_num + 1
-    except csv.Error as exc:
-        raise ConfigError(f"--data {path}: not a readable CSV/TSV file: {exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
         raise ConfigError(f"--data {path}: cannot read it: {short(str(exc), 200)}") from None
+    try:
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which is not a column name.
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"--data {path}: line {line} is not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file "
+                          "as UTF-8") from None
+
+
+def _no_duplicate_keys(number: int, path: Path) -> Any:
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ConfigError(f"--data {path}: line {number} has the key {short(twice[0])} twice; keep one")
+        return dict(items)
+    return pairs
+
+
+def _read_table(path: Path, cfg: TrainConfig) -> list[dict[str, str]]:
+    text = _decode(path)
+    rows, lines = [], []  # each row and the line of the file it starts on, for messages
+    if path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line, object_pairs_hook=_no_duplicate_keys(number, path)))
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"--data {path}: line {number} is not JSON ({exc.msg}, column {exc.colno})") from None
+                lines.append(number)
+    else:
+        # A review can be long; texts are truncated to --max-length tokens anyway.
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        # strict: a stray quote is an error, not a field that runs on into the next lines.
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",",
+                                strict=True)
+        try:
+            header = reader.fieldnames or []
+            twice = sorted({c for c in header if header.count(c) > 1})
+            if twice:
+                raise ConfigError(f"--data {path}: the header has the column {short(twice[0])} twice; rename one")
+            start = 2
+            for row in reader:
+                if None in row or None in row.values():  # more or fewer fields than the header
+                    raise ConfigError(
+                        f"--data {path}: the row starting on line {start} has "
+                        f"{sum(1 for k, v in row.items() if k is not None and v is not None) + len(row.get(None) or [])} field(s) for "
+                        f"{len(header)} columns (an unterminated quote joins lines into one row)"
+                    )
+                rows.append(row)
+                lines.append(start)
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            raise ConfigError(f"--data {path}: not a readable CSV/TSV file: line {reader.line_num}: {exc}") from None
     if len(rows) < 2:
         raise ConfigError(f"--data {path}: needs at least 2 rows; found {len(rows)}")
     needed = [("--text-field", cfg.text_field)] + ([] if cfg.task == "lm" else [("--label-field", cfg.label_field)])
@@ -136,6 +171,11 @@ def _read_table(path: Path, cfg: TrainConfig) -> list[dict[str, str]]:
                 f"--data {path}: {flag} {short(column)} is missing or empty on line {lines[missing[0]]}; "
                 f"the columns are {short(have, 200)}"
             )
+        nested = [i for i, r in enumerate(rows) if isinstance(r.get(column), (list, dict))]
+        if nested:
+            kind = type(rows[nested[0]][column]).__name__
+            raise ConfigError(f"--data {path}: {flag} {short(column)} on line {lines[nested[0]]} is a {kind}, not "
+                              "text or a label; flatten it first")
     return [{k: str(v) for k, v in r.items()} for r in rows]
 
 
