@@ -68,11 +68,10 @@ def run(name: str, spec: dict, rank: int, out: str) -> None:
             loss, grads = s.grads(b)
             acc(grads, num_items=int(b[2].sum()), loss=loss)
         flush = acc.flush
-    for _ in range(flushes):
-        flush()
+    flushed = [bool(flush()) for _ in range(flushes)]
     assert int(reducer.calls.asnumpy()) == cell.reductions
     np.savez(os.path.join(out, f"{name}_rank{rank}.npz"), **s.weights(), reductions=int(reducer.calls.asnumpy()),
-             micro_batches=len(data), last_items=cell.last_items)
+             micro_batches=len(data), last_items=cell.last_items, flushed=np.array(flushed, np.bool_))
 
 
 if __name__ == "__main__":

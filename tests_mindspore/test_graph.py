@@ -93,6 +93,25 @@ def test_windows_equal_the_big_batch(steps, weighted, mode):
         assert cell.last_items == sum(float(b[2].sum()) for b in windows[-1])
 
 
+class _Identity(ms.nn.Cell):
+    """A one-process reducer: the cell takes its data-parallel path, with nothing to sum."""
+
+    def construct(self, x):
+        return x
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reducer", [None, "identity"])
+def test_flush_says_whether_it_updated(mode, reducer):
+    s = Setup(initial_weights())
+    cell = AccumulatorCell(s.opt, steps=3, reducer=_Identity() if reducer else None)
+    run = Steps(s, cell, compiled=mode == "jit")
+    assert run.feed(micro_batches(SIZES[:1])) == [False]
+    assert run.flush() is True  # the partial window was applied
+    assert cell.windows == 1 and int(s.opt.global_step.asnumpy().reshape(-1)[0]) == 1
+    assert run.flush() is False  # nothing held: no update (under data parallel: an empty close)
+
+
 def test_the_reference_can_fail():
     """The seeds' sum, and the mean of micro-batch means, are both far from the big batch."""
     w0 = initial_weights()
@@ -250,6 +269,9 @@ def test_data_parallel_under_msrun_equals_the_single_process_big_batch(tmp_path)
             assert int(got["reductions"]) == windows, (case, r, int(got["reductions"]), windows)
             assert int(got["micro_batches"]) == len(data[r])
             assert float(got["last_items"]) == last_items, (case, r)
+            # Every flush here joins a close that holds items on some rank: each updated, and
+            # says so (compiled, it said False before).
+            assert got["flushed"].size >= 1 and got["flushed"].all(), (case, r, got["flushed"])
         for x in w0:
             np.testing.assert_array_equal(ranks[0][x], ranks[1][x])
     # The negative control: had each rank stepped on its own data, the ranks would differ.

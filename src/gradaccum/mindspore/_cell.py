@@ -190,17 +190,21 @@ class AccumulatorCell(nn.Cell):
             ...     return accumulator.flush()
             >>> flush()  # after the epoch's last micro-batch  # doctest: +SKIP
         """
-        before = self.totals[_WINDOWS:_REDUCTIONS] + 0  # windows, skipped: a copy, read before the close
         if self.distributed:
-            self._close()
-        elif self.window[_MICRO] > 0:
+            # Every rank closes, empty or not. Compiled with a reducer, the close is inlined and
+            # a read of the totals before and after it was not ordered around its writes (it
+            # said False after an update): the close says itself whether it stepped.
+            return self._close(say_stepped=True)
+        before = self.totals[_WINDOWS:_REDUCTIONS] + 0  # windows, skipped: a copy, read before the close
+        if self.window[_MICRO] > 0:
             self._close()
         after = self.totals[_WINDOWS:_REDUCTIONS]
         return ops.logical_and(after[0] > before[0], after[1] == before[1])
 
-    def _close(self) -> None:
-        # Returns nothing: a value out of this branch cost MindSpore's CPU graph more per
-        # update than all of the close's own arithmetic (measured).
+    def _close(self, say_stepped: bool = False) -> Optional[Tensor]:
+        # Returns nothing from the train step: a value out of this branch cost MindSpore's
+        # CPU graph more per update than all of the close's own arithmetic (measured).
+        # ``say_stepped`` (a constant of the compiled flush): return whether the window stepped.
         window = self.window
         # Some micro-batches counted and some not: no sound mean, so the window is skipped.
         mixed = ops.logical_and(window[_COUNTED] > 0, window[_COUNTED] < window[_MICRO])
@@ -239,6 +243,7 @@ class AccumulatorCell(nn.Cell):
         for buf in self.grads:
             ops.assign(buf, ops.zeros_like(buf))
         ops.assign(self.window, ops.zeros((4,), ms.float32))
+        return stepped if say_stepped else None
 
     @staticmethod
     def _flat(buf: Parameter) -> Tensor:
