@@ -385,3 +385,61 @@ def test_data_files_are_read_strictly_and_errors_name_the_line(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(ConfigError, match="not a regular file"):
         TrainConfig(data=str(fifo))
+
+
+def test_interrupts_outside_the_training_loop_say_what_is_kept(tmp_path, monkeypatch, capsys):
+    # SIGINT or SIGTERM during an evaluation (an epoch's, inside the loop; the final one of a
+    # --max-steps run, after it) and SIGTERM at start-up: the message says what was kept and
+    # how to go on, and the exit code is 130 / 143; at start-up nothing is left behind.
+    from gradaccum.recipes import train
+
+    real_eval, real_plot = train.evaluate, train.report.plot_loss
+    cases = [(signal.SIGINT, "evaluate", 130, "after the evaluation of epoch 1"),
+             (signal.SIGTERM, "evaluate", 130, "after the evaluation of epoch 1"),
+             (signal.SIGINT, "plot_loss", 130, "interrupted outside the training loop; the run's checkpoints"),
+             (signal.SIGTERM, "plot_loss", 143, "stopped by SIGTERM outside the training loop; the run's checkpoints")]
+    for i, (sig, where, code, said) in enumerate(cases):
+        out = tmp_path / f"case{i}"
+
+        def evaluate(*args, sig=sig, **kwargs):
+            os.kill(os.getpid(), sig)
+            return real_eval(*args, **kwargs)
+
+        def plot_loss(*args, sig=sig, **kwargs):  # the end of the run, after the last evaluation
+            os.kill(os.getpid(), sig)
+            return real_plot(*args, **kwargs)
+
+        with monkeypatch.context() as m:
+            if where == "evaluate":
+                m.setattr(train, "evaluate", evaluate)
+            else:
+                m.setattr(train.report, "plot_loss", plot_loss)
+            assert main(["train", *TINY, "--save-every", "1", "--out", str(out)]) == code, i
+        err = capsys.readouterr().err
+        assert said in err and f"--resume {out}" in err, (i, err)
+        assert "before training started" not in err
+        assert main(["train", "--resume", str(out)]) == 0  # and it continues from there
+        capsys.readouterr()
+    out = tmp_path / "startup"
+
+    def prepare(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "prepare", prepare)
+        assert main(["train", *TINY, "--out", str(out)]) == 143
+    assert "stopped by SIGTERM before training started; nothing was trained" in capsys.readouterr().err
+    assert not out.exists()  # nothing was written: not even OUT/.lock (it was left behind before)
+
+
+def test_plan_and_verify_refuse_retrieval_and_short_lengths_and_runs_without_negatives(tmp_path, capsys):
+    from gradaccum.recipes.config import ConfigError, TrainConfig
+
+    for command in ("plan", "verify"):
+        assert main([command, "--task", "retrieval", "--train-limit", "8"]) == 2
+        assert f"gradaccum {command} " in capsys.readouterr().err  # names itself and what it does not check
+    with pytest.raises(ConfigError, match="--max-length 1 is below 4 tokens"):
+        TrainConfig(max_length=1)
+    for extra in (["--effective-batch", "1"], ["--negatives", "micro-batch", "--micro-batch", "1"]):
+        assert main(["train", "--task", "retrieval", *extra, "--out", str(tmp_path / "r")]) == 2
+        assert "each query sees no other example to be a negative" in capsys.readouterr().err

@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -105,6 +107,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     body = {"train": _train, "plan": _plan, "verify": _verify}[command]
     from .recipes.config import CheckpointError, ConfigError, read_config_file
 
+    values: dict[str, Any] = dict(args)
+    # SIGTERM raised where the process is (outside the training loop, which checkpoints on
+    # it), so that the output lock and open files are released and the exit says why.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         from .recipes.config import with_task_defaults
 
@@ -115,26 +122,58 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"gradaccum {command}: error: {exc.name} is missing: pip install 'gradaccum[train]'", file=sys.stderr)
     except (ConfigError, CheckpointError) as exc:  # bad input: said before any training starts
         print(f"gradaccum {command}: error: {exc}", file=sys.stderr)
-    except KeyboardInterrupt:  # before training started (during it, a checkpoint is written: 130 too)
-        print(f"gradaccum {command}: interrupted before training started; nothing was trained", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the training loop (inside it, a checkpoint is written: 130 too)
+        print(_interrupted(command, values, "interrupted"), file=sys.stderr)
         return 130
+    except _Terminated:
+        print(_interrupted(command, values, "stopped by SIGTERM"), file=sys.stderr)
+        return 143
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 2
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside the training loop."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _interrupted(command: str, values: dict[str, Any], how: str) -> str:
+    """What an interruption outside the training loop leaves: a run with checkpoints to
+    continue from, or nothing trained yet."""
+    out = Path(str(values.get("resume") or values.get("out") or "runs/train"))
+    if command == "train" and (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*")):
+        return (f"gradaccum train: {how} outside the training loop; the run's checkpoints in {out} are kept: "
+                f"continue with gradaccum train --resume {out}")
+    return f"gradaccum {command}: {how} before training started; nothing was trained"
+
+
 def _plan(values: dict[str, Any]) -> int:
-    from .recipes.config import TrainConfig
+    from .recipes.config import ConfigError, TrainConfig
     from .recipes.plan import parse_bytes, plan
 
     cfg = TrainConfig(**values)
+    if cfg.task == "retrieval":
+        raise ConfigError("gradaccum plan measures the classification and language-model tasks, not --task "
+                          "retrieval (a bi-encoder whose window is encoded twice); give its --micro-batch by hand")
     plan(cfg, parse_bytes(cfg.memory_budget) if cfg.memory_budget else None)
     return 0
 
 
 def _verify(values: dict[str, Any]) -> int:
     from .recipes.check import verify_config
-    from .recipes.config import TrainConfig
+    from .recipes.config import ConfigError, TrainConfig
 
-    reports = verify_config(TrainConfig(**values))
+    cfg = TrainConfig(**values)
+    if cfg.task == "retrieval":
+        raise ConfigError("gradaccum verify checks the classification and language-model tasks against their big "
+                          "batch, not --task retrieval: its window negatives are checked by the project's tests, "
+                          "and --negatives micro-batch is inexact by design")
+    reports = verify_config(cfg)
     for mode, r in reports.items():
         verdict = "exact" if r.exact else "NOT exact"
         print(f"{mode}(): {verdict}: max relative error {r.max_rel_error:.2e} over {r.steps} micro-batches (tolerance {r.tolerance:g})")

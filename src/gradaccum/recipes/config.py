@@ -37,6 +37,7 @@ ACCUM_DTYPES = ("float32", "float64")
 DATA_SUFFIXES = (".csv", ".tsv", ".jsonl")
 MAX_EFFECTIVE_BATCH = 1_000_000  # per rank; far beyond any dataset this command reads
 MAX_SEED = 2**63 - 1
+MIN_LENGTH = 4  # two special tokens and two of text
 DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?")
 
 
@@ -101,6 +102,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _positive_int(self, "effective_batch", "epochs", "base_batch", "max_length", "num_conditions")
+        if self.max_length < MIN_LENGTH:
+            raise ConfigError(
+                f"--max-length {self.max_length} is below {MIN_LENGTH} tokens: the tokenizer keeps its two special "
+                "tokens ([CLS] and [SEP]) whatever the limit, and a text needs at least two more to learn from"
+            )
         if self.effective_batch > MAX_EFFECTIVE_BATCH:
             raise ConfigError(
                 f"--effective-batch {self.effective_batch} is more than {MAX_EFFECTIVE_BATCH:,} samples per step: "

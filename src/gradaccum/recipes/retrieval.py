@@ -237,6 +237,14 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
     rank, world, device = _distributed(cfg)
     if cfg.micro_batch == "auto":
         raise ConfigError("--task retrieval: give --micro-batch as a number (auto measures the classifier)")
+    # In-batch negatives need a second example in the batch the loss sees: with one, the loss
+    # and its gradient are 0 at every step and nothing would be learned.
+    pool = cfg.effective_batch * world if cfg.negatives == "window" else min(cfg.micro_batch, cfg.effective_batch)
+    if pool < 2:
+        where = (f"--effective-batch {cfg.effective_batch} x {world} rank(s)" if cfg.negatives == "window"
+                 else f"--negatives micro-batch with --micro-batch {cfg.micro_batch}")
+        raise ConfigError(f"--task retrieval with {where}: each query sees no other example to be a negative, so "
+                          "the loss is 0 at every step. Give at least 2 examples per batch")
     pairs = load_pairs(cfg)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -452,6 +452,12 @@ def _epochs(s: _Session, stop: "_StopRequest", stop_after: Optional[int]) -> Opt
         if not done:
             progress["train_seconds"] = time.perf_counter() - started
             s.save(0)
+        if stop.signal is not None:  # it came during the evaluation: the checkpoint is written
+            bar.close()
+            raise Interrupted(
+                f"stopped by signal {signal.Signals(stop.signal).name} after the evaluation of epoch {epoch + 1} "
+                f"(optimizer step {acc.state.optimizer_step}); continue with: gradaccum train --resume {s.out}"
+            )
     bar.close()
     progress["train_seconds"] = time.perf_counter() - started
     return None
