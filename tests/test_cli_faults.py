@@ -183,6 +183,10 @@ def test_model_directory_without_tokenizer_files_is_refused(minilm_copy, tmp_pat
         (minilm_copy / name).unlink()
     assert main(["train", "--model", str(minilm_copy), "--out", str(tmp_path / "run")]) == 2
     assert "tokenizer files" in capsys.readouterr().err
+    # --task retrieval checks the same (it trained on [UNK] alone before).
+    assert main(["train", "--task", "retrieval", "--model", str(minilm_copy), "--out", str(tmp_path / "r")]) == 2
+    assert "tokenizer files" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
     assert not (tmp_path / "run").exists()
 
 

@@ -62,15 +62,7 @@ def build(cfg: TrainConfig, num_labels: int, labels: list[str]) -> tuple[Any, to
         )
         return tok, transformers.GPT2LMHeadModel(config)
     model_dir = cfg.model or str(assets.default_model_dir())
-    check_model_dir(model_dir)
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    except Exception as exc:
-        raise ConfigError(f"--model {model_dir}: cannot load its tokenizer ({short(str(exc), 300)})") from None
-    if tok.pad_token_id is None:
-        if tok.eos_token is None:
-            raise ConfigError(f"--model {model_dir}: its tokenizer has neither a padding nor an end-of-text token; add a pad_token to its tokenizer_config.json")
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(model_dir)
     try:
         if cfg.task == "lm":
             model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
@@ -85,7 +77,7 @@ def build(cfg: TrainConfig, num_labels: int, labels: list[str]) -> tuple[Any, to
             )
     except Exception as exc:  # truncated, foreign or pickled weights: say so, no traceback
         raise ConfigError(f"--model {model_dir}: cannot load its weights ({short(str(exc), 300)})") from None
-    _check_vocabulary(model_dir, tok, model)
+    check_vocabulary(model_dir, tok, model)
     if cfg.task != "lm" and model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return tok, model
@@ -132,7 +124,29 @@ class MeanPoolClassifier(torch.nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def _check_vocabulary(model_dir: str, tok: Any, model: torch.nn.Module) -> None:
+def load_tokenizer(model_dir: str) -> Any:
+    """The tokenizer of a checked model directory, with a padding token (its end-of-text one
+    where it has none); refused with the reason when it cannot serve a batch.
+
+    Example:
+        >>> load_tokenizer("models/minilm").pad_token  # doctest: +SKIP
+        '[PAD]'
+    """
+    import transformers
+
+    check_model_dir(model_dir)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except Exception as exc:
+        raise ConfigError(f"--model {model_dir}: cannot load its tokenizer ({short(str(exc), 300)})") from None
+    if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise ConfigError(f"--model {model_dir}: its tokenizer has neither a padding nor an end-of-text token; add a pad_token to its tokenizer_config.json")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_vocabulary(model_dir: str, tok: Any, model: torch.nn.Module) -> None:
     """A tokenizer that does not fit the embeddings trains on garbage: refuse it.
 
     Without its files Transformers builds a tokenizer of a few special tokens, and every

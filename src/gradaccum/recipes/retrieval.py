@@ -26,6 +26,7 @@ from .. import Accumulator
 from . import assets, checkpoint, report
 from .config import ConfigError, TrainConfig
 from .data import Batcher, count_windows, read_rows
+from .model import check_vocabulary, load_tokenizer
 from .shard import Layout, adamw
 from .train import (Interrupted, _StopRequest, _distributed, _peak_memory, _prepare_out, _quiet, _restore,
                     check_optional_dependencies, save_checkpoint)
@@ -250,11 +251,13 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
     transformers.utils.logging.disable_progress_bar()
     model_dir = cfg.model or str(assets.default_model_dir())
     torch.manual_seed(cfg.seed)
+    # The same checks as classification: no tokenizer files would train on [UNK] alone.
+    tok = load_tokenizer(model_dir)
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
         encoder = transformers.AutoModel.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as exc:
         raise ConfigError(f"--model {model_dir}: cannot load it as an encoder ({str(exc)[:300]})") from None
+    check_vocabulary(model_dir, tok, encoder)
     out = _prepare_out(cfg) if rank == 0 else Path(cfg.out)
     if rank == 0:
         checkpoint.recover(out)
