@@ -447,3 +447,20 @@ def test_plan_and_verify_refuse_retrieval_and_short_lengths_and_runs_without_neg
     for extra in (["--effective-batch", "1"], ["--negatives", "micro-batch", "--micro-batch", "1"]):
         assert main(["train", "--task", "retrieval", *extra, "--out", str(tmp_path / "r")]) == 2
         assert "each query sees no other example to be a negative" in capsys.readouterr().err
+
+
+def test_resume_on_a_changed_data_file_is_refused_unless_asked(tmp_path, capsys):
+    f = tmp_path / "reviews.csv"
+    rows = [f"review number {i} {'great' if i % 2 else 'awful'},{'good' if i % 2 else 'bad'}\n" for i in range(20)]
+    f.write_text("text,label\n" + "".join(rows))
+    out = tmp_path / "run"
+    args = ["train", "--data", str(f), "--max-length", "16", "--effective-batch", "4", "--micro-batch", "2",
+            "--epochs", "2", "--save-every", "1", "--out", str(out)]
+    assert main(args) == 0
+    (out / "summary.json").unlink()  # as if it had stopped after its last checkpoint
+    rows[2] = rows[2].replace("awful", "fine").replace(",bad", ",good")  # one word and one label
+    f.write_text("text,label\n" + "".join(rows))
+    assert main(["train", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {f} changed since the run's checkpoint" in err and "--data-changed" in err
+    assert main(["train", "--resume", str(out), "--data-changed"]) == 0

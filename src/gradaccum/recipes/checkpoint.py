@@ -32,7 +32,8 @@ FILES = ("model.safetensors", "state.pt")
 
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """The file's SHA-256, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -97,7 +98,7 @@ def _write(tmp: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
     files = sorted(f for f in tmp.rglob("*") if f.is_file())
-    sums = {f.relative_to(tmp).as_posix(): _sha256(f) for f in files}
+    sums = {f.relative_to(tmp).as_posix(): sha256(f) for f in files}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "sha256": sums}))
     for f in files + [tmp / MANIFEST]:
         with f.open("rb") as fh:
@@ -151,7 +152,7 @@ def verify(path: Path) -> Optional[str]:
         if set(FILES) - set(manifest["sha256"]):
             return f"{MANIFEST} does not list {' and '.join(FILES)}"
         for name, digest in manifest["sha256"].items():
-            if _sha256(path / name) != digest:
+            if sha256(path / name) != digest:
                 return f"{name} does not match its checksum (truncated or corrupted)"
     except FileNotFoundError as exc:
         return f"{Path(exc.filename).name} is missing"

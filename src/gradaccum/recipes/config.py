@@ -95,6 +95,7 @@ class TrainConfig:
     resume: Optional[str] = _field(None, "continue the run in this output directory from its last good checkpoint", metavar="DIR")
     tensorboard: bool = _field(False, "also write TensorBoard events to OUT/tensorboard (needs tensorboard installed)")
     device: str = _field("auto", "cpu, cuda, cuda:N, or auto (cuda when available)", metavar="DEVICE")
+    data_changed: bool = _field(False, "--resume: go on although the --data file changed since the run's last checkpoint (its rows, split and order then differ from the run's)")
     shard: str = _field("ddp", "under torchrun: ddp (a whole model on every rank), fsdp2 (fully_shard: weights, gradients and optimizer state sharded), zero1, zero2 or zero3 (DeepSpeed ZeRO; needs gradaccum[deepspeed]); gradaccum plan says which fits a memory budget", choices=SHARDS)
     train_limit: Optional[int] = _field(None, "use only the first N training examples (smoke tests)")
     eval_limit: Optional[int] = _field(None, "evaluate on only the first N evaluation examples")
@@ -142,8 +143,9 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"{_flag(f.name)} must be one of {', '.join(choices)}; got {short(value)}")
-        if not isinstance(self.tensorboard, bool):
-            raise ConfigError(f"--tensorboard must be true or false; got {short(self.tensorboard)}")
+        for name in ("tensorboard", "data_changed"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{_flag(name)} must be true or false; got {short(getattr(self, name))}")
         if not DEVICE.fullmatch(self.device):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {short(self.device)}")
         if self.data is not None:
@@ -181,7 +183,7 @@ class TrainConfig:
         return d
 
 
-RESUMABLE_OVERRIDES = ("epochs", "max_steps", "save_every", "tensorboard", "device", "eval_limit")
+RESUMABLE_OVERRIDES = ("epochs", "max_steps", "save_every", "tensorboard", "device", "eval_limit", "data_changed")
 
 
 def resume_config(cfg_dir: str, overrides: dict[str, Any]) -> TrainConfig:

@@ -29,7 +29,7 @@ from .data import Batcher, count_windows, read_rows
 from .model import check_vocabulary, load_tokenizer
 from .shard import Layout, adamw
 from .train import (Interrupted, _StopRequest, _distributed, _peak_memory, _prepare_out, _quiet, _restore,
-                    check_optional_dependencies, save_checkpoint)
+                    check_optional_dependencies, data_fingerprint, save_checkpoint)
 
 SCALE = 20.0  # cosine similarities times 20 (temperature 0.05), as sentence-transformers' ranking loss
 
@@ -282,9 +282,10 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
                       max_grad_norm=cfg.max_grad_norm, precision=cfg.precision)
     r = _Run(cfg, rank, world, device, out, pairs, train, tokenize(pairs.eval_texts), condition_ids, tok.pad_token_id,
              core, model, optimizer, scheduler, acc, total,
-             {"epoch": 0, "consumed": 0, "train_seconds": 0.0, "evals": []}, None, log if rank == 0 else _quiet)
+             {"epoch": 0, "consumed": 0, "train_seconds": 0.0, "evals": [], "data_sha256": data_fingerprint(cfg)}, None,
+             log if rank == 0 else _quiet)
     if cfg.resume:
-        r.progress = _restore(out, core, optimizer, scheduler, acc, r.log, rank=rank, world=world)
+        r.progress = _restore(out, core, optimizer, scheduler, acc, r.log, rank=rank, world=world, cfg=cfg)
     else:
         r.progress["zero_shot"] = r.score()
     if rank == 0:

@@ -332,10 +332,11 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Session:
         compact_embedding_grads=layout.compact, sync_every_micro_batch=layout.sync_every_micro_batch,
     )
     progress: dict[str, Any] = {"epoch": 0, "consumed": 0, "train_seconds": 0.0, "evals": [],
-                                "padded_tokens": 0, "real_tokens": 0}
+                                "padded_tokens": 0, "real_tokens": 0, "data_sha256": data_fingerprint(cfg)}
     if cfg.resume:
         progress = {"padded_tokens": 0, "real_tokens": 0,
-                    **_restore(out, core, optimizer, scheduler, acc, log, rank=rank, world=world, layout=layout)}
+                    **_restore(out, core, optimizer, scheduler, acc, log, rank=rank, world=world, layout=layout,
+                               cfg=cfg)}
     metrics, tb = None, None
     if rank == 0:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -513,9 +514,26 @@ def _finish(s: _Session) -> dict[str, Any]:
     return summary
 
 
+def data_fingerprint(cfg: TrainConfig) -> Optional[str]:
+    """The SHA-256 of the ``--data`` file (None for the shipped data)."""
+    return checkpoint.sha256(Path(cfg.data)) if cfg.data else None
+
+
+def _check_data(cfg: Optional[TrainConfig], progress: dict[str, Any]) -> None:
+    if cfg is None or cfg.data_changed:
+        return
+    saved, now = progress.get("data_sha256"), data_fingerprint(cfg)
+    if saved is not None and saved != now:
+        raise ConfigError(
+            f"--resume {cfg.resume}: --data {cfg.data} changed since the run's checkpoint (SHA-256 {saved[:12]}... then, "
+            f"{(now or '')[:12]}... now): its rows, held-out split and order would differ from the run's. Restore "
+            "the file, or pass --data-changed to go on with it"
+        )
+
+
 def _restore(out: Path, core: torch.nn.Module, optimizer: Any, scheduler: Any, acc: Accumulator,
              log: Callable[[str], None], *, rank: int = 0, world: int = 1,
-             layout: Optional[shard.Layout] = None) -> dict[str, Any]:
+             layout: Optional[shard.Layout] = None, cfg: Optional[TrainConfig] = None) -> dict[str, Any]:
     """Load the newest checkpoint that loads whole; fall back past any that does not (another
     model's shapes, a foreign or damaged state) to the previous one. Each rank takes its own
     position in the data, RNG state and accumulator from its ``rank-R.pt``."""
@@ -538,6 +556,7 @@ def _restore(out: Path, core: torch.nn.Module, optimizer: Any, scheduler: Any, a
             progress = state["progress"]
             if not isinstance(progress, dict) or {"epoch", "consumed", "train_seconds", "evals"} - set(progress):
                 raise ValueError("its progress record is incomplete")
+            _check_data(cfg, progress)
             rng = (own or state)["rng"]
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
