@@ -464,3 +464,25 @@ def test_resume_on_a_changed_data_file_is_refused_unless_asked(tmp_path, capsys)
     err = capsys.readouterr().err
     assert f"--data {f} changed since the run's checkpoint" in err and "--data-changed" in err
     assert main(["train", "--resume", str(out), "--data-changed"]) == 0
+
+
+def test_options_without_effect_get_a_notice_and_yaml_numbers_as_text_say_why(tmp_path, capsys, monkeypatch):
+    import gradaccum.recipes.train as train_module
+    from gradaccum.recipes import retrieval
+
+    monkeypatch.setattr(train_module, "run", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(retrieval, "run", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["train", "--batching", "samples", "--max-tokens", "64", "--out", str(tmp_path / "a")]) == 130
+    assert "notice: --max-tokens has no effect with --batching samples" in capsys.readouterr().err
+    assert main(["train", "--task", "retrieval", "--pooling", "head", "--label-smoothing", "0.2",
+                 "--out", str(tmp_path / "b")]) == 130
+    err = capsys.readouterr().err
+    assert "notice: --pooling has no effect with --task retrieval" in err
+    assert "notice: --label-smoothing has no effect with --task retrieval" in err
+    assert main(["train", "--out", str(tmp_path / "c")]) == 130  # the defaults: no notice
+    assert "notice" not in capsys.readouterr().err
+    pytest.importorskip("yaml")
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 5e-5\n")
+    assert main(["train", "--config", str(config)]) == 2
+    assert "got '5e-5' (text, not a number: YAML reads 5e-5 without a dot as text; write 5.0e-5" in capsys.readouterr().err

@@ -183,13 +183,17 @@ def _verify(values: dict[str, Any]) -> int:
 
 
 def _train(values: dict[str, Any]) -> int:
-    from .recipes.config import TrainConfig, resume_config
+    from .recipes.config import TrainConfig, ignored_options, resume_config
 
     # The options are checked before torch is even imported: bad input fails at once.
+    given = dict(values)
     if values.get("resume"):
         cfg = resume_config(values.pop("resume"), values)
     else:
         cfg = TrainConfig(**values)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in ignored_options(given, cfg):
+            print(f"gradaccum train: notice: {note}", file=sys.stderr)
     from .recipes import train
 
     # One run per output directory; under torchrun, rank 0 holds it for all.

@@ -330,7 +330,38 @@ def _optional_positive_int(cfg: TrainConfig, *names: str) -> None:
 def _positive_number(cfg: TrainConfig, name: str) -> None:
     value = getattr(cfg, name)
     if not _is_number(value) or value <= 0:
-        raise ConfigError(f"{_flag(name)} must be a number > 0; got {short(value)}")
+        raise ConfigError(f"{_flag(name)} must be a number > 0; got {short(value)}{_text_hint(value)}")
+
+
+def _text_hint(value: Any) -> str:
+    """Why a number arrived as text: YAML 1.1 reads 5e-5 (no dot) as a string."""
+    try:
+        float(value) if isinstance(value, str) else None
+    except ValueError:
+        return ""
+    return (" (text, not a number: YAML reads 5e-5 without a dot as text; write 5.0e-5 in the config file)"
+            if isinstance(value, str) else "")
+
+
+def ignored_options(given: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """One-line notices for options given that have no effect on this run.
+
+    >>> ignored_options({"pooling": "head"}, TrainConfig(task="retrieval"))
+    ['--pooling has no effect with --task retrieval (a bi-encoder: mean pooling, InfoNCE loss)']
+    """
+    notes = []
+    if cfg.task == "retrieval":
+        for name in ("batching", "max_tokens", "pooling", "class_weights", "label_smoothing"):
+            if name in given:
+                notes.append(f"{_flag(name)} has no effect with --task retrieval (a bi-encoder: mean pooling, "
+                             "InfoNCE loss)")
+    elif "max_tokens" in given and cfg.batching == "samples":
+        notes.append("--max-tokens has no effect with --batching samples (micro-batches of --micro-batch samples)")
+    if cfg.task == "lm":
+        for name in ("class_weights", "label_smoothing", "pooling"):
+            if name in given:
+                notes.append(f"{_flag(name)} has no effect with --task lm (a language model: no classes)")
+    return notes
 
 
 def read_config_file(path: str) -> dict[str, Any]:
