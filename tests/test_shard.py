@@ -109,3 +109,97 @@ def test_sharded_layouts_refuse_what_they_cannot_do(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gradaccum", "train", *ARGS, "--shard", "fsdp2", "--out",
                            str(tmp_path / "one")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "start the run under torchrun" in proc.stderr
+
+
+def _rank_pids(parent: int) -> dict[int, int]:
+    """torchrun's workers below ``parent``, by their RANK."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            if ppid != parent:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                env = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
+        except (OSError, ValueError):
+            continue
+        if b"RANK" in env:
+            found[int(env[b"RANK"])] = int(entry)
+    return found
+
+
+def test_a_rank_killed_mid_run_resumes_to_the_uninterrupted_run(tmp_path, ddp_run):
+    # The issue's reproduction: rank 1 killed by SIGKILL once a checkpoint exists, then
+    # --resume. Every rank must come back to its own place in the data and its own RNG.
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "gradaccum", "train", *ARGS, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = False
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        if (out / "checkpoints" / "step-0000002").is_dir():
+            ranks = _rank_pids(proc.pid)
+            if 1 in ranks:
+                os.kill(ranks[1], signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.02)
+    proc.wait(timeout=120)
+    if not killed:
+        pytest.skip("the run ended before a rank could be killed")
+    assert proc.returncode != 0
+    done = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert "step-0000004" not in done or not (out / "summary.json").exists()
+    proc = _torchrun("--resume", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = out / "checkpoints" / "step-0000004"
+    assert _same(_weights(final), _weights(ddp_run / "checkpoints" / "step-0000004")) == 0.0
+    assert _rows(out) == _rows(ddp_run)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A small BERT (dropout on) saved with the shipped MiniLM tokenizer: the sentiment and
+    retrieval recipes at test speed."""
+    import transformers
+
+    from gradaccum.recipes import assets
+
+    tok = transformers.AutoTokenizer.from_pretrained(assets.default_model_dir())
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                                           num_attention_heads=2, intermediate_size=32,
+                                                           max_position_embeddings=64))
+    d = tmp_path_factory.mktemp("bert") / "tiny-bert"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("task", ["sentiment-tokens", "sentiment-samples", "retrieval"])
+def test_sentiment_and_retrieval_resume_under_torchrun_bit_for_bit(tmp_path, tiny_bert, task):
+    args = ["--model", str(tiny_bert), "--train-limit", "48", "--eval-limit", "8", "--max-length", "32",
+            "--effective-batch", "8", "--micro-batch", "3", "--max-steps", "4", "--save-every", "1"]
+    if task == "retrieval":
+        args += ["--task", "retrieval"]
+    else:
+        args += ["--batching", task.split("-")[1]]
+    out = tmp_path / task
+    proc = _torchrun(*args, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = out / "checkpoints" / "step-0000004"
+    straight, rows = _weights(last), _rows(out)
+    shutil.rmtree(last)
+    (out / "summary.json").unlink()
+    proc = _torchrun("--resume", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _same(_weights(last), straight) == 0.0
+    assert _rows(out) == rows
