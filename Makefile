@@ -33,6 +33,8 @@ train: setup
 test: test-torch test-mindspore
 
 test-torch: setup
+	$(BIN)/ruff check src
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 test-mindspore: setup-mindspore

@@ -27,7 +27,7 @@ def count_items(batch: Mapping[str, Any], kind: str) -> int:
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
-    labels = batch.get("labels")
+    labels: Any = batch.get("labels")  # checked by _need_labels wherever it is indexed
     if kind == "causal-lm":
         if "shift_labels" in batch:
             return int(batch["shift_labels"].ne(-100).sum())

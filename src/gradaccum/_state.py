@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import typing
 from typing import TYPE_CHECKING, Any, Optional
 
 from ._text import short
@@ -101,10 +102,11 @@ class AccumulatorState:
     optimizer_step: int = 0
     planned: int = 0
     micro_batches: int = 0
-    items: float = 0.0
+    # Numbers, or float64 tensors on the device path (read once, at the step).
+    items: Any = 0.0
     weighted: Optional[bool] = None
-    reference: Optional[float] = None
-    loss_sum: float = 0.0
+    reference: Optional[Any] = None
+    loss_sum: Any = 0.0
     splits: int = 0
     parts: int = 1
     grads: dict[int, "torch.Tensor"] = dataclasses.field(default_factory=dict)
@@ -139,17 +141,18 @@ class AccumulatorState:
         unknown = set(counters) - set(_COUNTERS)
         if unknown:
             raise ValueError(f"not an Accumulator state_dict (unknown fields: {short(sorted(map(str, unknown)))})")
-        values = {}
+        values: dict[str, Any] = {}
         for name, (kind, nullable) in _COUNTERS.items():
             if name not in counters:
                 continue  # older checkpoints lack newer fields: their defaults hold
-            v = counters[name]
+            v: Any = counters[name]
             if v is None and nullable:
                 values[name] = v
                 continue
             if (isinstance(v, bool) and kind is not bool) or not isinstance(v, kind):
                 raise TypeError(f"state field {name!r} must be {kind.__name__}; got {short(v)}")
-            if kind is not bool and (not math.isfinite(v) or v < 0):
+            number = typing.cast(float, v)  # a Real, checked above
+            if kind is not bool and (not math.isfinite(number) or number < 0):
                 raise ValueError(f"state field {name!r} must be finite and >= 0; got {short(v)}")
             values[name] = v
         state = cls(**values)

@@ -125,17 +125,18 @@ def verify(
             warnings.simplefilter("ignore")
             acc = Accumulator(model, capture, steps=steps)
         pieces = split_batch(batch, steps)
-        losses = []
+        losses: list[tuple[float, int]] = []
         for window in acc.windows(pieces):
             for piece in window:
                 loss = loss_fn(piece)
-                losses.append((float(loss.detach()), batch_size(piece)))
-                window.backward(loss, num_items=batch_size(piece))
+                size = batch_size(piece) or 1  # split_batch made pieces along dim 0
+                losses.append((float(loss.detach()), size))
+                window.backward(loss, num_items=size)
             window.step()
         accumulated = capture.grads
 
-        mean_of_pieces = sum(l * k for l, k in losses) / n
-        sum_of_pieces = sum(l for l, _ in losses)
+        mean_of_pieces = sum(loss * k for loss, k in losses) / n
+        sum_of_pieces = sum(loss for loss, _ in losses)
         random = any("randomness" in c for c in causes)  # then losses differ for that reason alone
         if not random and not math.isclose(big_loss, mean_of_pieces, rel_tol=1e-3, abs_tol=1e-6):
             if math.isclose(big_loss, sum_of_pieces, rel_tol=1e-3, abs_tol=1e-6):

@@ -18,6 +18,7 @@ Without item counts every micro-batch counts as one item, so the same arithmetic
 from __future__ import annotations
 
 import math
+import typing
 import numbers
 from typing import Callable, Optional, Union
 
@@ -82,7 +83,7 @@ def check_num_items(num_items: object) -> float:
             f"num_items must be > 0 (the tokens or samples that the loss averages over); got "
             f"{num_items!r}. Skip a micro-batch with no items instead of backpropagating it."
         )
-    return num_items
+    return typing.cast(float, num_items)  # an int or a float, as given
 
 
 def micro_batch_items(num_items: object, window_weighted: Optional[bool]) -> tuple[float, bool]:

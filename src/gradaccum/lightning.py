@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -69,7 +70,7 @@ class ExactAccumulation(pl.Callback):
         _check_strategy(trainer.strategy)
         from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
-        if any(isinstance(cb, GradientAccumulationScheduler) for cb in trainer.callbacks):
+        if any(isinstance(cb, GradientAccumulationScheduler) for cb in getattr(trainer, "callbacks", [])):
             raise ValueError(
                 "ExactAccumulation with GradientAccumulationScheduler: a k that changes by epoch is not "
                 "supported; give Trainer(accumulate_grad_batches=k), or use gradaccum.Accumulator(steps=callable)"
@@ -81,16 +82,17 @@ class ExactAccumulation(pl.Callback):
             )
         # Read the item count that training_step returns, before Lightning backpropagates.
         # The wrapper reports to the module's current callback (a module may be fit again).
-        pl_module._gradaccum_callback = self  # type: ignore[attr-defined]
-        step = pl_module.training_step
+        module: Any = pl_module
+        module._gradaccum_callback = self
+        step = module.training_step
         if not getattr(step, "_gradaccum_wrapped", False):
             def training_step(*args: Any, **kwargs: Any) -> Any:
                 out = step(*args, **kwargs)
-                pl_module._gradaccum_callback._take(out)
+                module._gradaccum_callback._take(out)
                 return out
 
             training_step._gradaccum_wrapped = True  # type: ignore[attr-defined]
-            pl_module.training_step = training_step  # type: ignore[method-assign]
+            module.training_step = training_step
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if len(trainer.optimizers) != 1:
@@ -115,7 +117,7 @@ class ExactAccumulation(pl.Callback):
         if self._weighted is not None and weighted != self._weighted:
             raise ValueError("num_items was returned for some micro-batches of a window and not for others: return it always or never")
         self._weighted = weighted
-        n = float(n.item() if isinstance(n, torch.Tensor) else n) if weighted else 1.0
+        n = float(n.item() if isinstance(n, torch.Tensor) else typing.cast(float, n)) if weighted else 1.0
         if not math.isfinite(n) or n <= 0:
             raise ValueError(f"num_items must be a positive number of items the loss averages over; got {n!r}")
         loss = out.get("loss") if isinstance(out, dict) else out

@@ -60,10 +60,12 @@ class WindowBatchNorm(_BatchNorm):
         count, total, squares = self._sums
         mean = total / count
         var = (squares / count - mean * mean).clamp_min(0) * count / (count - 1).clamp_min(1)
-        self.num_batches_tracked += 1
-        m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
-        self.running_var.mul_(1 - m).add_(var.to(self.running_var.dtype), alpha=m)
+        tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+        assert tracked is not None and running_mean is not None and running_var is not None  # tracking stats
+        tracked += 1
+        m = self.momentum if self.momentum is not None else 1.0 / float(tracked)
+        running_mean.mul_(1 - m).add_(mean.to(running_mean.dtype), alpha=m)
+        running_var.mul_(1 - m).add_(var.to(running_var.dtype), alpha=m)
         self._sums = None
 
 
@@ -93,6 +95,7 @@ def convert_batchnorm(model: torch.nn.Module, to: str = "groupnorm") -> torch.nn
     for name, child in list(model.named_children()):
         if isinstance(child, _BatchNorm) and not isinstance(child, WindowBatchNorm):
             c = child.num_features
+            new: torch.nn.Module
             if to == "groupnorm":
                 new = torch.nn.GroupNorm(_groups(c), c, eps=child.eps, affine=child.affine)
             else:

@@ -20,8 +20,9 @@ Example:
 
 from __future__ import annotations
 
+import typing
 import warnings
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -50,8 +51,8 @@ def item_kind(model: torch.nn.Module) -> str:
         >>> item_kind(transformers.BertForSequenceClassification(config))  # doctest: +SKIP
         'samples'
     """
-    while hasattr(model, "module"):  # DDP and similar wrappers
-        model = model.module
+    while isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP and similar wrappers
+        model = model.module  # type: ignore[assignment]
     name = type(model).__name__
     loss_type = getattr(model, "loss_type", None) or ""
     config = getattr(model, "config", None)
@@ -70,7 +71,13 @@ def item_kind(model: torch.nn.Module) -> str:
     )
 
 
-class ExactAccumulationMixin:
+if TYPE_CHECKING:  # type checkers see the Trainer the mixin goes in front of
+    _TrainerBase = transformers.Trainer
+else:
+    _TrainerBase = object
+
+
+class ExactAccumulationMixin(_TrainerBase):
     """Makes a ``transformers.Trainer`` (or a subclass of it) accumulate exactly.
 
     Mix in before the trainer class: ``class MyTrainer(ExactAccumulationMixin, SFTTrainer)``.
@@ -178,11 +185,12 @@ class ExactAccumulationMixin:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
         finally:
             self.compute_loss_func = user_loss
+        loss: Any
         loss, outputs = result if return_outputs else (result, None)
         if divides and divides[0]:
             loss = loss * self._world  # already its share of the window's mean; DDP averages over ranks
         else:
-            loss = loss * self._weight  # a mean over this micro-batch: weigh it by its share
+            loss = loss * typing.cast(float, self._weight)  # a mean over this micro-batch: weigh it by its share
         return (loss, outputs) if return_outputs else loss
 
     def _counter(self) -> Callable[[Mapping[str, Any]], int]:
@@ -191,7 +199,7 @@ class ExactAccumulationMixin:
         kind = self._items
         if kind is None:
             try:
-                kind = item_kind(self.model)
+                kind = item_kind(typing.cast(torch.nn.Module, self.model))
             except ValueError:
                 # A custom model: its loss is most often a mean over the batch's samples.
                 warnings.warn(

@@ -7,7 +7,6 @@ stores (``grads``), counters (``counts``), the window planner (``plan``) and the
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
@@ -293,8 +292,9 @@ class Accumulator(Parts):
                     f"{self._plan[:1]}: resume the sampler where the checkpoint was taken "
                     "(sampler.set_epoch(epoch, start=micro-batches consumed in that epoch))"
                 )
-        self.planner.target = self.agree(self.parallel.all_sum(
-            _step._rank_vector(self.parallel.world, self.parallel.rank, self.planner.local_count(k))))
+        counts = self.parallel.all_sum(_step._rank_vector(self.parallel.world, self.parallel.rank,
+                                                          self.planner.local_count(k)))
+        self.planner.target = self.agree(counts if isinstance(counts, list) else counts.tolist())
         while self.planner.target > 0 or pending:
             if st.planned == 0:
                 # Planned micro-batches set the provisional weights: the same number on every rank.

@@ -48,6 +48,7 @@ def micro_batch(acc: Parts, window: WindowState, loss: torch.Tensor, num_items: 
         st.reference = _shared(acc, n)
     # The loss is a mean over n items; weight n/D makes the held gradient a sum over items
     # (the mean of means is not the mean), and the boundary scale D/N makes it a mean.
+    assert st.reference is not None
     weight = n / (st.reference * st.planned)
     if loss.dim():
         loss = loss.reshape(())

@@ -76,9 +76,10 @@ def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optim
         dp.configure(max_grad_norm, sync_every_micro_batch)
         acc.max_grad_norm = None  # the engine clips the window's gradient in its step
         # The module's own parameters: a ZeRO optimizer's groups hold its flat fp32 partitions.
-        acc.params = params = [p for p in model.parameters() if p.requires_grad]
+        params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     else:
-        acc.params = params = [p for group in optimizer.param_groups for p in group["params"]]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+    acc.params = params
     first = next(iter(model.parameters()), None)
     acc.device = first.device if first is not None else torch.device("cpu")
     fsdp = isinstance(dp, _parallel.FSDP2)

@@ -33,7 +33,7 @@ class HostCounts:
         st.items += n
         st.loss_sum += loss.item() * n
 
-    def values(self) -> list[float]:
+    def values(self) -> Any:
         """[items, loss sum, invalid counts] of the open window on this rank."""
         return [self.state.items, self.state.loss_sum, 0.0]
 

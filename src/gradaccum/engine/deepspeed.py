@@ -34,7 +34,7 @@ class DeepSpeed(Collective):
 
     can_encode = False  # re-encoding would run outside DeepSpeed's backward bookkeeping
 
-    def __init__(self, engine: torch.nn.Module):
+    def __init__(self, engine: Any):
         super().__init__(engine)
         self.engine: Any = engine
         self.stage = int(engine.zero_optimization_stage())

@@ -59,7 +59,12 @@ def _map(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 def _tensors(out: Any) -> list[torch.Tensor]:
     found: list[torch.Tensor] = []
-    _map(out, lambda t: found.append(t) or t)
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        found.append(t)
+        return t
+
+    _map(out, keep)
     return found
 
 
@@ -140,7 +145,7 @@ def backward_encoded(acc: Parts, window: WindowState, loss: torch.Tensor) -> Non
                     out = entry.fn(entry.batch)
                 if entry.stand_in:
                     continue  # its forward pairs with the other ranks' collectives; it adds nothing
-                pairs = [(o, l.grad) for o, l in zip(_tensors(out), entry.leaves) if l.grad is not None]
+                pairs = [(o, leaf.grad) for o, leaf in zip(_tensors(out), entry.leaves) if leaf.grad is not None]
                 if pairs:
                     outs = [o for o, _ in pairs]
                     grads = [(g * world if world > 1 else g).to(o.dtype) for o, g in pairs]

@@ -27,6 +27,8 @@ Scale = Union[float, torch.Tensor]
 class DenseStore:
     """Gradients accumulate in ``.grad``, as autograd leaves them (the plain loop's way)."""
 
+    active = False  # whether a windows() loop runs (the compact store records lookups then)
+
     def __init__(self, params: list[torch.Tensor], index: list[int]):
         self.params, self.index = params, index
 

@@ -75,6 +75,9 @@ class SingleProcess:
     def announce_oom(self, message: str) -> None:
         pass
 
+    def watch_for_oom(self) -> None:
+        pass
+
 
 class _Ranks(SingleProcess):
     def __init__(self, model: torch.nn.Module):
@@ -87,7 +90,7 @@ class _Ranks(SingleProcess):
         if self.world == 1:  # a group of one (a DDP model on one rank): nothing to sum with
             return values
         on_device = isinstance(values, torch.Tensor)
-        t = values if on_device else torch.tensor([float(v) for v in values], dtype=torch.float64)
+        t = values if isinstance(values, torch.Tensor) else torch.tensor([float(v) for v in values], dtype=torch.float64)
         # gloo has no float64 reduction on CUDA tensors; NCCL has no CPU tensors.
         if dist.get_backend() != "nccl" and t.device.type != "cpu":
             t = t.cpu()

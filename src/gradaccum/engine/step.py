@@ -74,6 +74,7 @@ def finish(acc: Parts, window: WindowState) -> StepReport:
     has_grad = dp.owns_gradients or stores.any_grad()
     host, sums = _sums(acc, has_grad)
     items_t = sums[0]  # a device tensor on the device path: never read here
+    assert st.reference is not None  # set by the window's first backward (or stand-in)
     # Held: sum_i n_i * g_i / D. Times D / N (and the ranks DDP/FSDP average over) = the mean.
     scale = (st.reference * st.planned * dp.world) / items_t if isinstance(items_t, torch.Tensor) or items_t else 1.0
     if isinstance(scale, torch.Tensor):
@@ -147,7 +148,7 @@ def close(acc: Parts, window: WindowState) -> None:
     """After the update (or the skip): scaler, scheduler, zeroed gradients, counters."""
     report = window.finished
     assert report is not None
-    if window.scaled:
+    if window.scaled and acc.scaler is not None:
         acc.scaler.update()  # backs the scale off after an overflow
     if not report.skipped and acc.scheduler is not None:
         acc.scheduler.step()

@@ -144,7 +144,7 @@ class AccumulatorCell(nn.Cell):
         self.sizes = tuple(int(np.prod(s)) if s else 1 for s in self.shapes)
         if reducer is None and data_parallel_size() > 1:
             reducer = ops.AllReduce()
-        self.reducer = reducer
+        self.reducer: Any = reducer
         self.distributed = reducer is not None
         self.window = _vector(prefix + "window", 4)  # micro-batches, items, loss sum, counted ones
         self.totals = _vector(prefix + "totals", 6)  # windows, skipped, reductions, last loss, norm, items

@@ -9,6 +9,7 @@ the open window as numpy arrays.
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any, Optional, Sequence
 
 import mindspore as ms
@@ -50,7 +51,7 @@ class Accumulator:
     def __init__(self, optimizer: Any, steps: int, max_grad_norm: Optional[float] = None,
                  reducer: Optional[Any] = None) -> None:
         self.cell = AccumulatorCell(optimizer, steps, max_grad_norm=max_grad_norm, reducer=reducer)
-        self.steps: int = self.cell.steps
+        self.steps = typing.cast(int, self.cell.steps)  # the cell compares counts with it: an int
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.inner_grads = self.cell.grads

@@ -172,7 +172,7 @@ def candidates(out: Path) -> Iterator[Path]:
     """
     root = out / "checkpoints"
     found = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True) if root.is_dir() else []
-    problems = []
+    problems: list[tuple[str, str]] = []
     for path in found:
         why = verify(path)
         if why is None:

@@ -25,7 +25,7 @@ CLASS_WEIGHTS = ("none", "sqrt", "balanced")
 POOLING = ("mean", "head")
 # Defaults that differ by task; a value given on the command line or in --config wins.
 # The global defaults are tuned for the sentiment job; the other tasks keep what they were run with.
-TASK_DEFAULTS = {
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "retrieval": {"effective_batch": 64, "micro_batch": 8, "lr": 5e-5, "epochs": 2},
     "condition": {"lr": 1e-4, "class_weights": "sqrt", "label_smoothing": 0.0},
     "lm": {"lr": 1e-4},
@@ -118,7 +118,7 @@ class TrainConfig:
         _optional_positive_int(self, "max_steps", "train_limit", "eval_limit", "max_tokens")
         if self.memory_budget is not None:
             parse_bytes(self.memory_budget)
-        if self.micro_batch != "auto" and self.effective_batch < self.micro_batch:
+        if isinstance(self.micro_batch, int) and self.effective_batch < self.micro_batch:
             raise ConfigError(
                 f"--effective-batch ({self.effective_batch}) is smaller than --micro-batch ({self.micro_batch}): "
                 "the effective batch is what one optimizer step sees; raise it or lower --micro-batch"
@@ -173,8 +173,8 @@ class TrainConfig:
     @property
     def micro_batch_sizes(self) -> list[int]:
         """Sizes of one full window's micro-batches; they add up to the effective batch."""
-        k = self.steps_per_window
-        return [self.micro_batch] * (k - 1) + [self.effective_batch - self.micro_batch * (k - 1)]
+        k, m = self.steps_per_window, typing.cast(int, self.micro_batch)  # an int: steps_per_window checked it
+        return [m] * (k - 1) + [self.effective_batch - m * (k - 1)]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every option (``resume`` left out: it is not part of the run)."""
@@ -246,7 +246,7 @@ def with_task_defaults(values: dict[str, Any]) -> dict[str, Any]:
     4
     """
     task = values.get("task")
-    defaults = dict(TASK_DEFAULTS.get(task, {}) if isinstance(task, str) else {})
+    defaults: dict[str, Any] = dict(TASK_DEFAULTS.get(task, {})) if isinstance(task, str) else {}
     effective = values.get("effective_batch", defaults.get("effective_batch"))
     micro = defaults.get("micro_batch", TrainConfig.__dataclass_fields__["micro_batch"].default)
     if "micro_batch" not in values and isinstance(effective, int) and not isinstance(effective, bool) and 0 < effective < micro:
@@ -300,7 +300,7 @@ def _check_types(cfg: TrainConfig) -> None:
     for f in dataclasses.fields(cfg):
         value, hint = getattr(cfg, f.name), hints[f.name]
         if hint is str or hint == Optional[str]:
-            if not (isinstance(value, str) or (value is None and hint != str)):
+            if not (isinstance(value, str) or (value is None and hint is not str)):
                 raise ConfigError(f"{_flag(f.name)} must be text; got {short(value)} ({type(value).__name__})")
         elif hint == Union[int, str] and not (value == "auto" or (isinstance(value, int) and not isinstance(value, bool))):
             raise ConfigError(f"{_flag(f.name)} must be a whole number or 'auto'; got {short(value)}")

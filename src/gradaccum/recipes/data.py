@@ -198,7 +198,8 @@ class Batcher:
         shuffle, padded by repetition so that every rank gets as many."""
         from torch.utils.data import DistributedSampler
 
-        sampler = DistributedSampler(range(len(self.ids)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        indices: Any = range(len(self.ids))  # a sized sequence is all DistributedSampler reads
+        sampler: DistributedSampler = DistributedSampler(indices, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         sampler.set_epoch(epoch)
         return list(sampler)
 

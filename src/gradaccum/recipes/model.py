@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any, Optional
 
 import torch
@@ -63,6 +64,7 @@ def build(cfg: TrainConfig, num_labels: int, labels: list[str]) -> tuple[Any, to
         return tok, transformers.GPT2LMHeadModel(config)
     model_dir = cfg.model or str(assets.default_model_dir())
     tok = load_tokenizer(model_dir)
+    model: Any  # a Transformers model (its config is read below)
     try:
         if cfg.task == "lm":
             model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
@@ -95,10 +97,10 @@ class MeanPoolClassifier(torch.nn.Module):
         >>> model(input_ids=ids, attention_mask=mask, labels=y).loss  # doctest: +SKIP
     """
 
-    def __init__(self, encoder: torch.nn.Module, num_labels: int, labels: list[str]):
+    def __init__(self, encoder: Any, num_labels: int, labels: list[str]):
         super().__init__()
         self.encoder = encoder
-        self.config = encoder.config
+        self.config: Any = encoder.config
         self.config.num_labels = num_labels
         self.config.id2label = dict(enumerate(labels))
         self.config.label2id = {name: i for i, name in enumerate(labels)}
@@ -152,7 +154,7 @@ def check_vocabulary(model_dir: str, tok: Any, model: torch.nn.Module) -> None:
     Without its files Transformers builds a tokenizer of a few special tokens, and every
     word becomes the unknown token; with a larger one, ids run past the embedding table.
     """
-    rows = model.get_input_embeddings().num_embeddings
+    rows = typing.cast(Any, model).get_input_embeddings().num_embeddings
     size = len(tok)
     if size > rows:
         raise ConfigError(f"--model {model_dir}: its tokenizer has {size} tokens but the model embeds only {rows}: "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -27,7 +26,7 @@ from . import assets, checkpoint, report
 from .config import ConfigError, TrainConfig
 from .data import Batcher, count_windows, read_rows
 from .model import check_vocabulary, load_tokenizer
-from .shard import Layout, adamw
+from .shard import Layout
 from .train import (Interrupted, _StopRequest, _distributed, _peak_memory, _prepare_out, _quiet, _restore,
                     check_optional_dependencies, data_fingerprint, save_checkpoint)
 
@@ -196,6 +195,7 @@ class _Run:
             box = [result]
             torch.distributed.broadcast_object_list(box, src=0)
             result = box[0]
+        assert result is not None  # rank 0 evaluated, and sent it to every rank
         return result
 
     def save(self, consumed: int) -> Optional[Path]:
@@ -240,7 +240,7 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
         raise ConfigError("--task retrieval: give --micro-batch as a number (auto measures the classifier)")
     # In-batch negatives need a second example in the batch the loss sees: with one, the loss
     # and its gradient are 0 at every step and nothing would be learned.
-    pool = cfg.effective_batch * world if cfg.negatives == "window" else min(cfg.micro_batch, cfg.effective_batch)
+    pool = cfg.effective_batch * world if cfg.negatives == "window" else min(cfg.micro_batch_sizes[0], cfg.effective_batch)
     if pool < 2:
         where = (f"--effective-batch {cfg.effective_batch} x {world} rank(s)" if cfg.negatives == "window"
                  else f"--negatives micro-batch with --micro-batch {cfg.micro_batch}")

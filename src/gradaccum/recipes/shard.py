@@ -24,7 +24,8 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim
     >>> adamw(torch.nn.Linear(2, 2), 1e-3, 0.01).param_groups[1]["weight_decay"]
     0.0
     """
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)

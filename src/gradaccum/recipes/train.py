@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -40,7 +41,8 @@ class OutputLock:
     """
 
     def __init__(self, out: Path):
-        self.out, self.fh, self.created = out, None, False
+        self.out, self.created = out, False
+        self.fh: Optional[Any] = None
 
     def __enter__(self) -> "OutputLock":
         import fcntl
@@ -146,7 +148,7 @@ def evaluate(model: torch.nn.Module, batcher: Batcher, device: torch.device, pre
     else:
         keys = sorted(preds)
         p, g = [preds[i] for i in keys], [gold[i] for i in keys]
-        num_labels = int(model.config.num_labels)
+        num_labels = int(typing.cast(Any, model).config.num_labels)
         result.update(accuracy=accuracy(p, g), macro_f1=macro_f1(p, g, num_labels))
     return result
 
@@ -281,10 +283,12 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Session:
     rank, world, device = _distributed(cfg)
     if rank != 0:
         log = _quiet
-    writer_cls = None
+    writer_cls: Any = None
     if cfg.tensorboard:
         try:
-            from torch.utils.tensorboard import SummaryWriter as writer_cls
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer_cls = SummaryWriter
         except ImportError:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     if cfg.micro_batch == "auto":
@@ -307,7 +311,7 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Session:
     sampler = None
     if cfg.batching == "tokens":
         sampler = TokenBudgetSampler([len(x) for x in prep.train_ids], window=cfg.effective_batch,
-                                     max_tokens=cfg.max_tokens or cfg.micro_batch * prep.max_length,
+                                     max_tokens=cfg.max_tokens or cfg.micro_batch_sizes[0] * prep.max_length,
                                      seed=cfg.seed, rank=rank, world_size=world)
     per_epoch = count_windows(len(train.epoch_order(cfg.seed, 0, rank, world)), cfg.effective_batch)
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
@@ -325,7 +329,8 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Session:
     model, optimizer, stepped = layout.wrap(core, world, device, lr, cfg.weight_decay, cfg)
     scheduler = transformers.get_linear_schedule_with_warmup(stepped, warmup, total)
     acc = Accumulator(
-        model, optimizer, steps=sampler if sampler is not None else cfg.steps_per_window, scheduler=scheduler,
+        model, optimizer, steps=typing.cast(Any, sampler) if sampler is not None else cfg.steps_per_window,
+        scheduler=scheduler,
         max_grad_norm=cfg.max_grad_norm, precision="fp32" if layout.precision_of_engine else cfg.precision,
         accum_dtype=getattr(torch, cfg.accum_dtype) if cfg.accum_dtype else None,
         # The word embeddings' gradient is most of what accumulation holds through a forward.
@@ -603,6 +608,7 @@ def _evaluate_rank0(model, held, device, precision, rank, world, everywhere: boo
         box = [result]
         torch.distributed.broadcast_object_list(box, src=0)
         result = box[0]
+    assert result is not None  # rank 0 evaluated, and sent it to every rank
     return result
 
 
