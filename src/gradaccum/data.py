@@ -18,7 +18,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["TokenBudgetSampler", "cut_by_tokens"]
+__all__ = ["TokenBudgetSampler", "cut_by_tokens", "sequence_ids", "sequence_means"]
 
 
 def cut_by_tokens(lengths: Sequence[int], max_tokens: int, per_micro_batch: Optional[float] = None) -> list[list[int]]:
@@ -173,3 +173,59 @@ class TokenBudgetSampler:
                 padded += len(lens) * max(lens)
                 real += sum(lens)
         return padded, real
+
+
+def sequence_ids(position_ids: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                 length: Optional[int] = None) -> torch.Tensor:
+    """Which packed sequence each token belongs to, numbered 0, 1, ... along the row.
+
+    Give ``position_ids`` of packed rows (flattened: a new sequence starts where they restart
+    at 0, as padding-free collators write them, and so at every row), or ``cu_seqlens``
+    (cumulative lengths from 0, as flash-attention's varlen kernels take them) with the
+    flattened ``length``.
+
+    Example:
+        >>> sequence_ids(position_ids=torch.tensor([0, 1, 2, 0, 1, 0]))
+        tensor([0, 0, 0, 1, 1, 2])
+        >>> sequence_ids(cu_seqlens=torch.tensor([0, 3, 5, 6]), length=6)
+        tensor([0, 0, 0, 1, 1, 2])
+    """
+    if (position_ids is None) == (cu_seqlens is None):
+        raise ValueError("give either position_ids (restarting at 0 for each sequence) or cu_seqlens, not both or neither")
+    if position_ids is not None:
+        pos = position_ids.reshape(-1)
+        return torch.cumsum((pos == 0).long(), 0) - 1
+    assert cu_seqlens is not None
+    bounds = cu_seqlens.reshape(-1).long()
+    n = int(length) if length is not None else int(bounds[-1])
+    if bounds[0] != 0 or bool((bounds[1:] < bounds[:-1]).any()) or int(bounds[-1]) != n:
+        raise ValueError(f"cu_seqlens must rise from 0 to the row's length {n}; got {bounds.tolist()}")
+    return torch.bucketize(torch.arange(n, device=bounds.device), bounds[1:], right=True)
+
+
+def sequence_means(token_losses: torch.Tensor, seq_ids: torch.Tensor,
+                   mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence means of packed token losses: ``(means, counted)``.
+
+    ``means[s]`` is the mean of sequence s's counted tokens (``mask``: the tokens the loss
+    counts, e.g. completion tokens, labels other than -100); ``counted`` says which sequences
+    have any. A "mean over sequences of per-sequence token means" is then
+    ``means[counted].mean()``, with ``num_items = counted.sum()`` sequences: the same loss as
+    the sequences unpacked, whatever the packing, the micro-batches and the ranks, because
+    the window weighs each micro-batch by its sequences.
+
+    Example:
+        >>> losses = torch.tensor([1.0, 3.0, 5.0, 2.0])
+        >>> means, counted = sequence_means(losses, torch.tensor([0, 0, 0, 1]))
+        >>> means.tolist(), counted.tolist()
+        ([3.0, 2.0], [True, True])
+    """
+    flat, ids = token_losses.reshape(-1), seq_ids.reshape(-1)
+    if flat.shape != ids.shape:
+        raise ValueError(f"token_losses and seq_ids must have one entry per token; got {tuple(flat.shape)} and {tuple(ids.shape)}")
+    weight = torch.ones_like(flat) if mask is None else mask.reshape(-1).to(flat.dtype)
+    size = int(ids.max()) + 1 if ids.numel() else 0
+    sums = torch.zeros(size, dtype=flat.dtype, device=flat.device).index_add(0, ids, flat * weight)
+    counts = torch.zeros(size, dtype=flat.dtype, device=flat.device).index_add(0, ids, weight)
+    counted = counts > 0
+    return sums / counts.clamp_min(1), counted
