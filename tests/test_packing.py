@@ -63,29 +63,28 @@ def test_packed_sequence_means_accumulated_equal_the_unpacked_big_batch(steps):
     # by its tokens, or each the same, would be off; by its sequences it is exact.
     micro = windows_of(3, [4, 1, 6, 2, 3, 5])
     torch.manual_seed(0)
-    model = TinyLM()
-    init = copy.deepcopy(model)
+    init = TinyLM()
+    seen = accumulate(copy.deepcopy(init), micro, steps, by_tokens=False)
+    for w, got in enumerate(seen):
+        want = unpacked_reference(init, [s for mb in micro[w * steps:(w + 1) * steps] for s in mb])
+        assert rel_error(got, want) < 1e-5
+    if steps == 3:  # the control: weighing by tokens is the wrong denominator here
+        wrong = accumulate(copy.deepcopy(init), micro, steps, by_tokens=True)
+        want = unpacked_reference(init, [s for mb in micro[:3] for s in mb])
+        assert rel_error(wrong[0], want) > 0.02
+
+
+def accumulate(model: torch.nn.Module, micro: list, steps: int, by_tokens: bool) -> list:
+    """The gradient handed to the optimizer at each window, micro-batches weighed by their
+    sequences (or, the control, by their tokens)."""
     opt = RecordingSGD(model.parameters(), lr=0.0)
     acc = gradaccum.Accumulator(model, opt, steps=steps)
     for window in acc.windows(micro):
         for seqs in window:
             loss, n = packed_seq_mean(model, *pack(seqs))
-            window.backward(loss, num_items=n)
+            window.backward(loss, num_items=sum(len(s) for s in seqs) if by_tokens else n)
         window.step()
-    for w, got in enumerate(opt.seen):
-        want = unpacked_reference(init, [s for mb in micro[w * steps:(w + 1) * steps] for s in mb])
-        assert rel_error(got, want) < 1e-5
-    if steps == 3:  # the control: weighing by tokens is the wrong denominator here
-        tokens = copy.deepcopy(init)
-        opt2 = RecordingSGD(tokens.parameters(), lr=0.0)
-        acc2 = gradaccum.Accumulator(tokens, opt2, steps=steps)
-        for window in acc2.windows(micro):
-            for seqs in window:
-                loss, _ = packed_seq_mean(tokens, *pack(seqs))
-                window.backward(loss, num_items=sum(len(s) for s in seqs))
-            window.step()
-        want = unpacked_reference(init, [s for mb in micro[:3] for s in mb])
-        assert rel_error(opt2.seen[0], want) > 0.02
+    return opt.seen
 
 
 def packed_ddp(rank, world):

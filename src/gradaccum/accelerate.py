@@ -63,7 +63,6 @@ class ExactAccelerator(accelerate.Accelerator):
         self.last_window_items: Optional[float] = None
         self._params: Optional[tuple[int, list]] = None  # the parameters to rescale, found once
         self._ds: Any = None  # the engine's DeepSpeed adapter, made at the first backward under DeepSpeed
-        self._ds_stores: Any = None
 
     def backward(self, loss: torch.Tensor, num_items: Any = None, **kwargs: Any) -> None:
         """Backpropagate the micro-batch's mean ``loss`` weighted by its ``num_items``; on the
@@ -106,22 +105,17 @@ class ExactAccelerator(accelerate.Accelerator):
         adapter.engine.set_gradient_accumulation_boundary(self.sync_gradients)
         adapter.backward(loss, weight)
         if self.sync_gradients:
-            factor = self._window_factor()
-            adapter.finalize(self._ds_stores, factor)
+            adapter.scale_window(self._window_factor())
             adapter.update(None)
 
     def _deepspeed_adapter(self) -> Any:
         engine = self.deepspeed_engine_wrapped.engine
         if self._ds is None or self._ds.engine is not engine:
             from .engine.deepspeed import DeepSpeed
-            from .engine.grads import DenseStore, Stores
 
             self._ds = DeepSpeed(engine)
             # Accelerate's k is DeepSpeed's gradient_accumulation_steps: no notice about it.
             self._ds.configure(None, False, notice=False)
-            params = [p for p in engine.module.parameters() if p.requires_grad]
-            # Without ZeRO the reduced gradient is in .grad, where a plain store scales it.
-            self._ds_stores = Stores([] if self._ds.owns_gradients else [DenseStore(params, list(range(len(params))))])
         return self._ds
 
     def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2) -> Optional[torch.Tensor]:

@@ -101,13 +101,8 @@ class ExactAccumulation(pl.Callback):
 
         if isinstance(trainer.strategy, DeepSpeedStrategy):
             from .engine.deepspeed import DeepSpeed
-            from .engine.grads import DenseStore, Stores
 
-            engine = trainer.strategy.deepspeed_engine
-            self._deepspeed = DeepSpeed(engine)
-            params = [p for p in engine.module.parameters() if p.requires_grad]
-            # Without ZeRO the reduced gradient is in .grad, where a plain store scales it.
-            self._ds_stores = Stores([] if self._deepspeed.owns_gradients else [DenseStore(params, list(range(len(params))))])
+            self._deepspeed = DeepSpeed(trainer.strategy.deepspeed_engine)
 
     # -- each micro-batch --------------------------------------------------------------
 
@@ -154,7 +149,7 @@ class ExactAccumulation(pl.Callback):
         items, micro_batches, loss_sum = counts.tolist()
         factor = self._reference * trainer.world_size / items
         if ds is not None:
-            ds.finalize(self._ds_stores, factor)  # ZeRO: through the loss scale its step divides by
+            ds.scale_window(factor)  # ZeRO: through the loss scale its step divides by
         else:
             with torch.no_grad():
                 grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]

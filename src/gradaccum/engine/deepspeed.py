@@ -26,6 +26,7 @@ from typing import Any, ContextManager, Iterator, Optional
 
 import torch
 
+from .grads import DenseStore, Stores
 from .parallel import Collective
 
 
@@ -44,6 +45,7 @@ class DeepSpeed(Collective):
         self.owns_gradients = self.stage > 0
         self.coalesce = False
         self._window: Optional[contextlib.ExitStack] = None
+        self._own_stores: Optional[Stores] = None
         if self.owns_gradients:
             self.holds_window_grads = (
                 f"under {self.name} the partial window's gradients sit in DeepSpeed's partitions, out of "
@@ -117,6 +119,15 @@ class DeepSpeed(Collective):
         # by scale (one host read: the step reads its numbers anyway).
         self.engine.optimizer.override_loss_scale(1.0 / float(scale))
         return None
+
+    def scale_window(self, scale: float) -> None:
+        """For an integration that drives the engine itself (Accelerate, Lightning): the
+        window's scale, before its ``engine.step()``. Without ZeRO the reduced gradient is in
+        the module's ``.grad``, where a plain store scales it."""
+        if self._own_stores is None:
+            params = [p for p in self.engine.module.parameters() if p.requires_grad]
+            self._own_stores = Stores([] if self.owns_gradients else [DenseStore(params, list(range(len(params))))])
+        self.finalize(self._own_stores, scale)
 
     def update(self, optimizer: Any) -> Optional[tuple[float, bool]]:
         engine = self.engine
