@@ -18,9 +18,43 @@ import gradaccum
 from reference import VOCAB, OOMAbove, RecordingSGD, make_sequences, pad
 
 PRECISIONS = ["fp32", "bf16", "fp16", "bf16-params"]
-FEATURES = ["counts", "oom_forward", "oom_backward", "resume", "compact", "clip", "partial", "uneven"]
+# "terms*": the same feature with a two-term loss (a token mean plus a sequence mean over the
+# long sequences only, absent from some micro-batches), weighed per term (docs/terms.md).
+FEATURES = ["counts", "oom_forward", "oom_backward", "resume", "compact", "clip", "partial", "uneven",
+            "terms", "terms_oom_forward", "terms_resume", "terms_clip", "terms_partial", "terms_uneven"]
 K = 3
 CLIP = 0.05
+LONG = 12  # a sequence with at least this many predicted tokens enters the sequence term
+SEQ_COEF = 0.3
+
+
+def base(feature: str) -> str:
+    """The feature without its loss: "terms_clip" -> "clip", "terms" -> "counts"."""
+    return "counts" if feature == "terms" else feature.removeprefix("terms_")
+
+
+def _long(batch):
+    return batch["mask"][:, 1:].sum(1) >= LONG
+
+
+# Each term's counter: the items it averages over in a micro-batch, counted before the window.
+COUNTERS = {"lm": lambda b: int(b["mask"][:, 1:].sum()), "seq": lambda b: int(_long(b).sum())}
+
+
+def term_losses(model, batch):
+    """{"lm": (token mean, tokens as a tensor), "seq": (0.3 * mean over long sequences of their
+    token means, long sequences)}; "seq" is left out where the micro-batch has none."""
+    ids, mask = batch["ids"], batch["mask"]
+    logits = model(ids)[:, :-1]
+    ce = F.cross_entropy(logits.reshape(-1, VOCAB).float(), ids[:, 1:].reshape(-1), reduction="none")
+    valid = mask[:, 1:].float()
+    ce = ce.reshape(valid.shape) * valid
+    out = {"lm": (ce.sum() / valid.sum(), valid.sum())}
+    long = _long(batch)
+    if int(long.sum()):
+        per_seq = ce.sum(1) / valid.sum(1).clamp(min=1)
+        out["seq"] = (SEQ_COEF * per_seq[long].mean(), int(long.sum()))
+    return out
 
 
 class CellLM(torch.nn.Module):
@@ -114,6 +148,7 @@ def run_cell(rank: int, world: int, wrap: str, precision: str, feature: str, syn
     net = CellLM()
     if precision == "bf16-params":
         net = net.to(torch.bfloat16)
+    terms, feature = feature.startswith("terms"), base(feature)
     if feature.startswith("oom"):
         net.oom.limit, net.oom.where = 2, feature.split("_")[1]
     init = copy.deepcopy(net.state_dict())
@@ -130,7 +165,16 @@ def run_cell(rank: int, world: int, wrap: str, precision: str, feature: str, syn
         "compact_embedding_grads": feature == "compact",
         "max_grad_norm": CLIP if feature == "clip" else None,
         "sync_every_micro_batch": sync_every,
+        "terms": COUNTERS if terms else None,
     }
+
+    def loss_of(b):
+        return term_losses(model, b) if terms else mean_loss(model, b)
+
+    def backward(window, b):
+        with window.autocast():
+            out = loss_of(b)
+        window.backward(out) if terms else window.backward(out[0], num_items=out[1])
     try:
         acc = gradaccum.Accumulator(model, opt, steps=K, **kw)
     except ValueError as exc:
@@ -143,11 +187,9 @@ def run_cell(rank: int, world: int, wrap: str, precision: str, feature: str, syn
         before.append(_weights(model))
         for i, batch in enumerate(window):
             if feature.startswith("oom"):
-                window.forward_backward(batch, lambda b: mean_loss(model, b))
+                window.forward_backward(batch, loss_of)
             else:
-                with window.autocast():
-                    loss, n = mean_loss(model, batch)
-                window.backward(loss, num_items=n)
+                backward(window, batch)
             if feature == "resume" and len(reports) == 1 and i + 1 == stop_after:
                 break
         if feature == "resume" and len(reports) == 1:
@@ -167,9 +209,7 @@ def run_cell(rank: int, world: int, wrap: str, precision: str, feature: str, syn
             if len(before) < len(reports) + 1:
                 before.append([_full(p.detach()).float().clone() for p in model.parameters()])
             for batch in window:
-                with window.autocast():
-                    loss, n = mean_loss(model, batch)
-                window.backward(loss, num_items=n)
+                backward(window, batch)
             reports.append(window.step())
         opt = opt2
     splits = sum(r.splits for r in reports)
@@ -203,6 +243,7 @@ def ddp_or_fsdp_cells(rank: int, world: int, wrap: str, precision: str, features
 
 def reference(result: dict, feature: str, world: int) -> list[list[torch.Tensor]]:
     """The float64 big-batch gradient of every window, over all ranks' micro-batches."""
+    terms, feature = feature.startswith("terms"), base(feature)
     per_rank = [rank_data(feature, r, world) for r in range(world)]
     n_windows = len(result["seen"])
     wants = []
@@ -215,7 +256,11 @@ def reference(result: dict, feature: str, world: int) -> list[list[torch.Tensor]
         batches = [b for data in per_rank for b in data[w * K:(w + 1) * K]]
         total = sum(mean_loss_terms(model, b)[0] for b in batches)
         count = sum(mean_loss_terms(model, b)[1] for b in batches)
-        (total / count).backward()
+        loss = total / count
+        if terms:  # plus 0.3 * the mean over every long sequence in the window of its token mean
+            per_seq = torch.cat([sequence_means(model, b) for b in batches])
+            loss = loss + SEQ_COEF * per_seq.mean()
+        loss.backward()
         want = [p.grad.clone() for p in model.parameters()]
         if feature == "clip":
             norm = sum(float(g.pow(2).sum()) for g in want) ** 0.5
@@ -230,3 +275,14 @@ def mean_loss_terms(model, batch):
     ce = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="none")
     valid = mask[:, 1:].reshape(-1).double()
     return (ce * valid).sum(), valid.sum()
+
+
+def sequence_means(model, batch):
+    """Token means of the batch's long sequences, each sequence on its own (float64)."""
+    out = []
+    for ids, mask in zip(batch["ids"], batch["mask"]):
+        n = int(mask[1:].sum())
+        if n >= LONG:
+            x = ids[: n + 1].unsqueeze(0)
+            out.append(F.cross_entropy(model(x)[0, :-1], x[0, 1:]).reshape(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)

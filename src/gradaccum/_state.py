@@ -39,6 +39,8 @@ class StepReport:
         lr: learning rate of the first parameter group used for this update.
         splits: micro-batches split in two after an out-of-memory error in this window.
         stand_ins: zero-weight micro-batches this rank ran because it had run out (DDP/FSDP2).
+        terms: with ``Accumulator(terms=...)``, each term's mean over the window (all ranks);
+            ``loss`` is then their sum.
 
     Example:
         >>> report = StepReport(step=1, loss=0.5, num_items=12.0, micro_batches=3, grad_norm=1.0, skipped=False)
@@ -55,6 +57,7 @@ class StepReport:
     lr: Optional[float] = None
     splits: int = 0
     stand_ins: int = 0
+    terms: Optional[dict[str, float]] = None
 
 
 _COUNTERS = {  # field -> (accepted types, allows None)
@@ -89,6 +92,8 @@ class AccumulatorState:
         loss_sum: sum of loss * items over the open window's micro-batches.
         splits: out-of-memory splits in the open window.
         parts: the split that ``forward_backward`` remembers (1: micro-batches whole).
+        terms: with ``Accumulator(terms=...)``, per term ``[window total (all ranks), items
+            given so far, loss sum so far]`` on this rank (None otherwise).
         grads: the open window's partial gradients, by index into the optimizer's
             parameters (empty between windows and in the live ``acc.state``, whose
             gradients live where the gradient store keeps them).
@@ -109,17 +114,20 @@ class AccumulatorState:
     loss_sum: Any = 0.0
     splits: int = 0
     parts: int = 1
+    terms: Optional[dict[str, list[float]]] = None
     grads: dict[int, "torch.Tensor"] = dataclasses.field(default_factory=dict)
 
     def close_window(self) -> None:
         """Forget the open window, keep the counters that outlive it."""
         self.planned = self.micro_batches = self.splits = 0
         self.items, self.weighted, self.loss_sum = 0.0, None, 0.0
-        self.grads = {}
+        self.terms, self.grads = None, {}
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict for ``torch.save``: ``{"state": counters, "grads": {i: tensor}}``."""
         counters = {name: getattr(self, name) for name in _COUNTERS}
+        if self.terms is not None:
+            counters["terms"] = {name: list(v) for name, v in self.terms.items()}
         return {"state": counters, "grads": dict(self.grads)}
 
     @classmethod
@@ -138,7 +146,7 @@ class AccumulatorState:
                 "not an Accumulator state_dict: it needs a 'state' dict of counters"
                 + (f" and has unknown keys {short(sorted(map(str, extra)))}" if extra else "")
             )
-        unknown = set(counters) - set(_COUNTERS)
+        unknown = set(counters) - set(_COUNTERS) - {"terms"}
         if unknown:
             raise ValueError(f"not an Accumulator state_dict (unknown fields: {short(sorted(map(str, unknown)))})")
         values: dict[str, Any] = {}
@@ -155,7 +163,7 @@ class AccumulatorState:
             if kind is not bool and (not math.isfinite(number) or number < 0):
                 raise ValueError(f"state field {name!r} must be finite and >= 0; got {short(v)}")
             values[name] = v
-        state = cls(**values)
+        state = cls(**values, terms=_terms(counters.get("terms")))
         if state.micro_batches > state.planned or state.parts < 1 or (state.reference is not None and state.reference <= 0):
             raise ValueError(
                 f"inconsistent Accumulator state: micro_batches={state.micro_batches}, planned={state.planned}, "
@@ -177,6 +185,20 @@ class AccumulatorState:
         if state.grads and state.micro_batches == 0:
             raise ValueError("the state holds gradients but no micro-batch of an open window")
         return state
+
+
+def _terms(saved: Any) -> Optional[dict[str, list[float]]]:
+    if saved is None:
+        return None
+    ok = isinstance(saved, dict) and all(
+        isinstance(k, str) and isinstance(v, (list, tuple)) and len(v) == 3
+        and all(isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        and v[0] >= 0 and v[1] >= 0 for k, v in saved.items())
+    if not ok:
+        raise ValueError(
+            "state field 'terms' must map term names to [window total, items so far, loss sum so far], "
+            f"finite numbers with the counts >= 0; got {short(saved)}")
+    return {k: [float(x) for x in v] for k, v in saved.items()}
 
 
 def _index(key: Any, num_params: int) -> int:

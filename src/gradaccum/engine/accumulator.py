@@ -7,7 +7,7 @@ stores (``grads``), counters (``counts``), the window planner (``plan``) and the
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 
@@ -70,24 +70,29 @@ class Window(WindowState):
                 with acc.skip_sync():
                     yield batch
 
-    def backward(self, loss: torch.Tensor, num_items: Any = None) -> None:
+    def backward(self, loss: Union[torch.Tensor, Mapping[str, Any]], num_items: Any = None) -> None:
         """Backpropagate one micro-batch's mean ``loss`` with its weight in the window.
 
         Args:
-            loss: scalar tensor, the mean over this micro-batch's items.
+            loss: scalar tensor, the mean over this micro-batch's items; or, for a loss with
+                several denominators, a mapping ``{term: (mean, num_items)}`` (or ``{term:
+                mean}``, counted by the term's counter): the Accumulator's ``terms``. A term
+                absent from the mapping has no items in this micro-batch.
             num_items: tokens or samples that ``loss`` averages over (an int, or a one-element
                 tensor, read only at the step). Give it for every micro-batch or for none.
 
         Example:
             >>> window.backward(out.loss, num_items=int((labels != -100).sum()))  # doctest: +SKIP
+            >>> window.backward({"lm": (lm_mean, n_tokens), "cls": (cls_mean, n_rows)})  # doctest: +SKIP
         """
         self._per_micro_batch()
-        _backward.micro_batch(self._acc, self, loss, num_items)
+        _backward.micro_batch(self._acc, self, loss, num_items, self._acc.planner.stand_in)
         if not self._last:
             self._acc.stores.between()
 
-    def forward_backward(self, batch: Any, loss_fn: Callable[[Any], tuple[torch.Tensor, Any]]) -> None:
-        """Run ``loss_fn(batch) -> (mean loss, num_items)`` under :meth:`autocast` and its
+    def forward_backward(self, batch: Any, loss_fn: Callable[[Any], Any]) -> None:
+        """Run ``loss_fn(batch) -> (mean loss, num_items)`` (or the mapping of terms that
+        :meth:`backward` takes) under :meth:`autocast` and its
         backward, surviving out-of-memory errors: what a failed attempt added is discarded,
         the batch is split in two along dim 0 and the halves are retried, and the window's
         update is still the big batch's. The working split is kept for later micro-batches.
@@ -223,6 +228,10 @@ class Accumulator(Parts):
             the next forward. Exact to the bit.
         device_counts: keep counts and loss sums on the device, read once per step with the
             norm (default: on for accelerators, off on the CPU, where reading costs nothing).
+        terms: for a loss with several denominators, each term's name and its counter, a
+            function ``micro_batch -> items that term averages over``. The window's micro-batches
+            are counted before its first backward, and :meth:`Window.backward` then takes
+            ``{name: (mean, num_items)}`` (see ``docs/terms.md``).
 
     Example:
         >>> acc = Accumulator(model, optimizer, steps=4)  # doctest: +SKIP
@@ -237,9 +246,10 @@ class Accumulator(Parts):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: _weights.StepsLike = 1, *,
                  scheduler: Any = None, max_grad_norm: Optional[float] = None, precision: str = "fp32",
                  accum_dtype: Optional[torch.dtype] = None, sync_every_micro_batch: bool = False,
-                 compact_embedding_grads: bool = False, device_counts: Optional[bool] = None):
+                 compact_embedding_grads: bool = False, device_counts: Optional[bool] = None,
+                 terms: Optional[Mapping[str, Callable[[Any], Any]]] = None):
         build_parts(self, model, optimizer, steps, scheduler, max_grad_norm, precision, accum_dtype,
-                    sync_every_micro_batch, compact_embedding_grads, device_counts)
+                    sync_every_micro_batch, compact_embedding_grads, device_counts, terms)
         self._current: Optional[Window] = None
         self._generator: Optional[object] = None
         self._plan: Optional[list[int]] = None
@@ -292,9 +302,12 @@ class Accumulator(Parts):
                     f"{self._plan[:1]}: resume the sampler where the checkpoint was taken "
                     "(sampler.set_epoch(epoch, start=micro-batches consumed in that epoch))"
                 )
-        counts = self.parallel.all_sum(_step._rank_vector(self.parallel.world, self.parallel.rank,
-                                                          self.planner.local_count(k)))
-        self.planner.target = self.agree(counts if isinstance(counts, list) else counts.tolist())
+        local = self.window_counts(k)
+        counts = self.parallel.all_sum(_step._rank_vector(self.parallel.world, self.parallel.rank, local[0]) + local[1:])
+        counts = counts if isinstance(counts, list) else counts.tolist()
+        self.planner.target = self.agree(counts[:self.parallel.world])
+        if self.terms is not None and not pending:
+            self.terms.totals = counts[self.parallel.world:]
         while self.planner.target > 0 or pending:
             if st.planned == 0:
                 # Planned micro-batches set the provisional weights: the same number on every rank.

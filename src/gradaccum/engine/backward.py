@@ -8,7 +8,7 @@ step's boundary scale D/N makes it the mean (see ``gradaccum._weights``).
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -18,9 +18,15 @@ from .parts import Parts, WindowState
 
 
 
-def micro_batch(acc: Parts, window: WindowState, loss: torch.Tensor, num_items: Any) -> None:
-    """Backpropagate ``loss`` with its provisional weight (see ``gradaccum._weights``)."""
+def micro_batch(acc: Parts, window: WindowState, loss: Any, num_items: Any, batch: Any = None) -> None:
+    """Backpropagate ``loss`` with its provisional weight (see ``gradaccum._weights``), or a
+    mapping of terms with their exact weights (see ``terms.py``)."""
     acc.check_current(window)
+    if isinstance(loss, Mapping):
+        if acc.terms is not None or len(loss) != 1:
+            _terms(acc, window, loss, num_items, batch)
+            return
+        loss, num_items = _one_term(loss, num_items)  # one denominator: the boundary scale fixes it
     st = acc.state
     if window.is_stand_in:
         _stand_in(acc, window, loss)
@@ -61,6 +67,50 @@ def micro_batch(acc: Parts, window: WindowState, loss: torch.Tensor, num_items: 
     st.weighted = weighted
     st.micro_batches += 1
     acc.counts.record(loss, n)
+
+
+def _one_term(mapping: Mapping[str, Any], num_items: Any) -> tuple[Any, Any]:
+    ((name, value),) = mapping.items()
+    if num_items is not None:
+        raise ValueError("num_items with a mapping of terms: give each term's count inside it, {name: (mean, n)}")
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return value[0], value[1]
+    raise ValueError(
+        f"term {name!r} without its num_items: give {{{name!r}: (mean, num_items)}}, or count it ahead with "
+        f"Accumulator(terms={{{name!r}: counter}})")
+
+
+def _terms(acc: Parts, window: WindowState, mapping: Mapping[str, Any], num_items: Any, batch: Any) -> None:
+    """Several denominators: backpropagate ``sum_t L_t * n_t / N_t`` with the window's totals."""
+    if acc.terms is None:
+        raise ValueError(
+            f"window.backward() got {len(mapping)} terms ({', '.join(map(str, mapping))}), but the Accumulator "
+            "does not count them. Each term's window total must be known before the window's first backward: "
+            "build it with Accumulator(..., terms={name: counter}), a function micro_batch -> items per term "
+            "(see docs/terms.md)")
+    if num_items is not None:
+        raise ValueError("num_items with a mapping of terms: give each term's count inside it, {name: (mean, n)}")
+    st = acc.state
+    st.reference = 1.0  # the step's scale is the ranks' count alone: the weights are exact
+    if window.is_stand_in:
+        _add_nothing(acc, _first_mean(mapping))
+        window.stand_ins += 1
+        return
+    combined, first = acc.terms.combine(mapping, batch)
+    if combined is None:  # no term has items here: its backward adds nothing, but still runs
+        _add_nothing(acc, first)
+        st.micro_batches += 1
+        return
+    if acc.autocast_dtype is not None and not acc.autocast_used and not acc.warned_autocast:
+        acc.warned_autocast = True
+        warnings.warn(f"precision={acc.precision!r} but the forward ran outside window.autocast(): "
+                      "wrap the forward in `with window.autocast():` (backward stays outside)", stacklevel=4)
+    if acc.scaler is not None:
+        acc.scaler.scale(combined).backward()
+    else:
+        acc.parallel.backward(combined, _seed(acc, 1.0, combined) if type(combined) is torch.Tensor else 1.0)
+    acc.stores.absorb()
+    st.micro_batches += 1
 
 
 def _shared(acc: Parts, n: Any) -> Any:
@@ -108,6 +158,12 @@ def forward_backward(acc: Parts, window: WindowState, batch: Any, loss_fn: Calla
 def run_piece(acc: Parts, window: WindowState, piece: Any, loss_fn: Callable, zero: bool = False) -> None:
     with window.autocast():
         out = loss_fn(piece)
+    if isinstance(out, Mapping):
+        if zero:
+            _add_nothing(acc, _first_mean(out))
+        else:
+            micro_batch(acc, window, out, None, piece)
+        return
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise TypeError(
             f"loss_fn must return (loss, num_items): the micro-batch's mean loss as a scalar tensor and "
@@ -118,6 +174,11 @@ def run_piece(acc: Parts, window: WindowState, piece: Any, loss_fn: Callable, ze
         _add_nothing(acc, out[0])
         return
     micro_batch(acc, window, out[0], out[1])
+
+
+def _first_mean(mapping: Mapping[str, Any]) -> torch.Tensor:
+    value = next(iter(mapping.values()))
+    return value[0] if isinstance(value, (tuple, list)) else value
 
 
 def _without_retry(acc: Parts, window: WindowState, batch: Any, loss_fn: Callable) -> None:

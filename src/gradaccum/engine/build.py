@@ -18,6 +18,7 @@ from ..nn import WindowBatchNorm
 from . import deepspeed as _deepspeed
 from . import parallel as _parallel
 from .counts import DeviceCounts, HostCounts
+from .terms import Terms, check_counters
 from .grads import BufferStore, CompactStore, DenseStore, Stores, embedding_modules
 from .plan import Lookahead, Planner
 from .parts import Parts
@@ -63,9 +64,11 @@ def _stores(model: torch.nn.Module, params: list[torch.Tensor], low: set[int], a
 
 def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: Any, scheduler: Any,
                 max_grad_norm: Optional[float], precision: str, accum_dtype: Optional[torch.dtype],
-                sync_every_micro_batch: bool, compact_embedding_grads: bool, device_counts: Optional[bool]) -> None:
+                sync_every_micro_batch: bool, compact_embedding_grads: bool, device_counts: Optional[bool],
+                terms: Any = None) -> None:
     """Validate the arguments and set ``acc``'s parts; raises before any work is done."""
     _check(model, optimizer, scheduler, max_grad_norm, precision, accum_dtype)
+    counters = check_counters(terms)
     acc.steps = _weights.check_steps(steps)
     acc.model, acc.optimizer, acc.scheduler = model, optimizer, scheduler
     acc.max_grad_norm, acc.precision, acc.accum_dtype = max_grad_norm, precision, accum_dtype
@@ -120,6 +123,7 @@ def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optim
     acc.explicit_reduce = isinstance(dp, _parallel.DDP) and bool(acc.stores.held_elsewhere)
     acc.state = AccumulatorState()
     acc.counts = DeviceCounts(acc.state, acc.device) if on_device else HostCounts(acc.state)
+    acc.terms = Terms(counters, acc.device) if counters is not None else None
     acc.planner = Planner(Lookahead(()))
     acc._last_seed, acc._last_weight = None, 0.0
     acc.window_norms = [m for m in model.modules() if isinstance(m, WindowBatchNorm)]

@@ -17,6 +17,7 @@ from . import parallel as _parallel
 from .counts import HostCounts
 from .grads import Stores
 from .plan import Planner, agree
+from .terms import Terms
 from .._state import AccumulatorState, StepReport
 
 
@@ -37,6 +38,7 @@ class Parts:
     parallel: _parallel.SingleProcess
     stores: Stores
     counts: HostCounts
+    terms: Optional[Terms]
     planner: Planner
     state: AccumulatorState
     scaler: Optional[torch.amp.GradScaler]
@@ -61,6 +63,14 @@ class Parts:
         i = self._pass_window + ahead
         return self._plan[i] if i < len(self._plan) else 0
 
+    def window_counts(self, k: int) -> list[float]:
+        """This rank's micro-batches (up to ``k``) for the next window, then (with terms) each
+        term's items in them: one vector, summed over ranks at the step."""
+        counts = self.planner.local_count(k)
+        if self.terms is None:
+            return [counts]
+        return [counts] + self.terms.count(self.planner.held())
+
     def agree(self, counts: list[float]) -> int:
         """The next window's micro-batch count, the same on every rank."""
         return agree(counts)
@@ -84,6 +94,8 @@ class Parts:
         self.stores.clear()
         self.state.close_window()
         self.counts.reset()
+        if self.terms is not None:
+            self.terms.clear()
         window.closed = True
         self.planner.target = 0
 
@@ -103,6 +115,7 @@ class WindowState:
         self.closed = False
         self.scaled = False
         self.next_counts: list[float] = []
+        self.next_totals: list[float] = []
         self.items_per_micro_batch: Optional[float] = None
         self.mode: Optional[str] = None  # "backward" or "encode", fixed by the first call
         self.yielded = 0

@@ -9,6 +9,7 @@ pair with the other ranks' and the update stays the big batch's.
 from __future__ import annotations
 
 import collections
+import itertools
 import warnings
 from typing import Any, Iterable
 
@@ -33,6 +34,10 @@ class Lookahead:
             except StopIteration:
                 self._exhausted = True
         return min(len(self._ahead), limit)
+
+    def peek(self, n: int) -> list[Any]:
+        """The first ``n`` fetched items, left in place."""
+        return list(itertools.islice(self._ahead, n))
 
     def pop(self) -> Any:
         """The next item (one that :meth:`count` has fetched)."""
@@ -87,6 +92,10 @@ class Planner:
         n = self.batches.count(k)
         self.ahead = n
         return float(n) if n or self.stand_in is not None else -1.0
+
+    def held(self) -> list[Any]:
+        """This rank's micro-batches counted by the last :meth:`local_count` (not yet handed out)."""
+        return self.batches.peek(self.ahead)
 
     def next(self) -> tuple[Any, bool]:
         """The next micro-batch and whether it is a stand-in."""

@@ -50,13 +50,17 @@ def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
 def _sums(acc: Parts, has_grad: bool) -> tuple[list[float], Any]:
     """The window's numbers summed over ranks, as a device tensor on the device path.
 
-    Layout: items, loss sum, invalid counts (the counters), then the host numbers:
-    micro-batches, "has a gradient", each rank's micro-batches for the next window.
+    Layout: items, loss sum, invalid counts (the counters), per term its items and loss sum
+    (with terms), then the host numbers: micro-batches, "has a gradient", each rank's
+    micro-batches for the next window, and (with terms) each term's items in it.
     """
     st, dp = acc.state, acc.parallel
-    ahead = acc.planner.local_count(acc.planned_ahead(1))
-    host = [float(st.micro_batches), float(has_grad)] + _rank_vector(dp.world, dp.rank, ahead)
+    ahead = acc.window_counts(acc.planned_ahead(1))
+    host = [float(st.micro_batches), float(has_grad)] + _rank_vector(dp.world, dp.rank, ahead[0]) + ahead[1:]
     local = acc.counts.values()
+    if acc.terms is not None:
+        sums = acc.terms.sums
+        local = torch.cat([local, sums.to(local)]) if isinstance(local, torch.Tensor) else local + sums.tolist()
     if isinstance(local, torch.Tensor):
         # One process keeps its host numbers on the host: copying them over would wait.
         return host, (dp.all_sum(torch.cat([local, _to_device(host, local.device)])) if dp.world > 1 else local)
@@ -77,6 +81,8 @@ def finish(acc: Parts, window: WindowState) -> StepReport:
     assert st.reference is not None  # set by the window's first backward (or stand-in)
     # Held: sum_i n_i * g_i / D. Times D / N (and the ranks DDP/FSDP average over) = the mean.
     scale = (st.reference * st.planned * dp.world) / items_t if isinstance(items_t, torch.Tensor) or items_t else 1.0
+    if acc.terms is not None:
+        scale = float(dp.world)  # the terms' weights were exact at the backward (see terms.py)
     if isinstance(scale, torch.Tensor):
         scale = scale.to(torch.float32)
     if window.explicit_reduce:
@@ -93,14 +99,18 @@ def finish(acc: Parts, window: WindowState) -> StepReport:
         # With the norm as a tensor: a non-finite norm makes NaNs, but that window is skipped.
         torch.nn.utils.clip_grads_with_norm_(acc.params, acc.max_grad_norm, norm_t, foreach=acc.foreach)
     checks = stores.deferred()
+    t = len(acc.terms.names) if acc.terms is not None else 0
     if isinstance(sums, torch.Tensor):  # the one host sync of the window
         read = torch.cat([sums, norm_t.detach().reshape(1).to(sums), *(c.reshape(1).to(sums) for c in checks)]).tolist()
         if dp.world == 1:
-            read[3:3] = host
+            read[3 + 2 * t:3 + 2 * t] = host
     else:
         read = list(sums) + [float(norm_t)] + [float(c) for c in checks]
-    items, loss_sum, invalid, micro_batches, with_grad = read[:5]
-    counts, norm = read[5:5 + dp.world], read[5 + dp.world]
+    items, loss_sum, invalid = read[:3]
+    term_sums, read = read[3:3 + 2 * t], read[3 + 2 * t:]
+    micro_batches, with_grad = read[:2]
+    counts, next_totals, norm = read[2:2 + dp.world], read[2 + dp.world:2 + dp.world + t], read[2 + dp.world + t]
+    means: Optional[dict[str, float]] = None
     try:
         if invalid:
             raise ValueError(
@@ -108,15 +118,21 @@ def finish(acc: Parts, window: WindowState) -> StepReport:
                 "loss averages over); a tensor count in this window was not. Skip a micro-batch with no "
                 "items instead of backpropagating it. This window is not applied"
             )
-        stores.check(read[6 + dp.world:])
+        if acc.terms is not None:
+            means, disagree = acc.terms.report(term_sums)
+            if disagree:
+                raise ValueError(disagree)
+        stores.check(read[3 + dp.world + t:])
     except Exception:
         acc.abandon(window)
         raise
     lr = acc.optimizer.param_groups[0].get("lr") if acc.optimizer.param_groups else None
+    if means is not None:
+        loss_sum, items = sum(means.values()), 1.0
     window.finished = StepReport(
         step=st.optimizer_step + 1,
         loss=loss_sum / items if items else float("nan"),
-        num_items=items if st.weighted is not False else None,
+        num_items=items if st.weighted is not False and means is None else None,
         micro_batches=int(micro_batches),
         grad_norm=norm,
         # Nothing to apply: no parameter received a gradient anywhere, or it is not finite.
@@ -124,9 +140,10 @@ def finish(acc: Parts, window: WindowState) -> StepReport:
         lr=float(lr) if lr is not None else None,
         splits=st.splits,
         stand_ins=window.stand_ins,
+        terms=means,
     )
     window.scaled = acc.scaler is not None and bool(grads)
-    window.next_counts = counts
+    window.next_counts, window.next_totals = counts, next_totals
     window.items_per_micro_batch = items / micro_batches if micro_batches else None
     return window.finished
 
@@ -163,5 +180,8 @@ def close(acc: Parts, window: WindowState) -> None:
     st.reference = window.items_per_micro_batch if acc.parallel.world > 1 else None
     st.close_window()
     acc.counts.reset()
+    if acc.terms is not None:
+        acc.terms.clear()
+        acc.terms.totals = window.next_totals
     window.closed = True
     acc.planner.target = acc.agree(window.next_counts)

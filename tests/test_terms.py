@@ -1,0 +1,181 @@
+"""Losses with several denominators (``Accumulator(terms=...)``), beyond the composition matrix.
+
+The matrix (``test_matrix.py``, features ``terms*``) covers one process, DDP, FSDP2 and
+DeepSpeed ZeRO-2 in every precision with stand-ins, partial windows, OOM retries, clipping
+and a mid-window resume. Here: windows of changing size (callable ``steps``, a token budget,
+one process and 2 ranks), the ways of giving counts, the reports, and bad input.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import dist_workers
+import gradaccum
+import matrix_cells as mc
+import terms_cells as tc
+from reference import RecordingSGD, rel_error
+
+
+def _data(seed: int = 100) -> list[dict]:
+    return mc.rank_data("counts", 0, 1) if seed == 100 else mc.rank_data("counts", 1, 2)
+
+
+def _check(net, seen, window_batches, tol=1e-5):
+    assert len(seen) == len(window_batches)
+    for w, (got, batches) in enumerate(zip(seen, window_batches)):
+        want, _ = tc.reference(net, batches)
+        assert rel_error(got, want) < tol, f"window {w}: {rel_error(got, want):.3g}"
+
+
+def test_callable_steps_partial_last_window_and_the_reports():
+    net, data = tc.model(), _data() + _data(101)  # 12 micro-batches: windows of 2, 4, 4, 2 (partial)
+    steps = lambda s: 2 if s == 0 else 4  # noqa: E731
+    seen, reports = tc.train(copy.deepcopy(net), data, steps)
+    windows = [data[0:2], data[2:6], data[6:10], data[10:12]]
+    _check(net, seen, windows)
+    for report, batches in zip(reports, windows):
+        _, terms = tc.reference(net, batches)
+        assert report.terms == pytest.approx(terms, rel=1e-5)
+        assert report.loss == pytest.approx(sum(terms.values()), rel=1e-5) and report.num_items is None
+
+
+def test_token_budget_windows_in_one_process():
+    sampler, windows, seqs = tc.token_budget_batches(0, 1)
+    assert len({len(w) for w in windows}) > 1  # the budget cut windows of different sizes
+    net = tc.model()
+    loader = torch.utils.data.DataLoader(seqs, batch_sampler=sampler, collate_fn=mc.batch_of)
+    seen, _ = tc.train(copy.deepcopy(net), loader, sampler)
+    _check(net, seen, windows)
+
+
+def test_token_budget_windows_on_two_ddp_ranks_with_stand_ins(tmp_path):
+    results = dist_workers.spawn(tc.token_budget_two_ranks, 2, tmp_path)
+    for r in results:
+        assert "error" not in r, r.get("trace")
+    assert any(results[0]["stand_ins"]) or any(results[1]["stand_ins"])  # ranks' windows differed
+    per_rank = [tc.token_budget_batches(r, 2)[1] for r in range(2)]
+    windows = [per_rank[0][w] + per_rank[1][w] for w in range(len(per_rank[0]))]
+    net = tc.model()
+    _check(net, results[0]["seen"], windows)
+    for a, b in zip(results[0]["seen"], results[1]["seen"]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert results[0]["terms"] == results[1]["terms"]
+
+
+def test_the_ways_of_giving_counts_agree():
+    net, data = tc.model(), _data()
+
+    def bare(window, b):  # means alone: each term's count comes from its counter
+        window.backward({k: v[0] for k, v in mc.term_losses(window_net[0], b).items()})
+
+    def via_forward_backward(window, b):
+        window.forward_backward(b, lambda x: mc.term_losses(window_net[0], x))
+
+    runs = []
+    for loss, kw in [(None, {}), (bare, {}), (via_forward_backward, {}), (None, {"device_counts": True})]:
+        m = copy.deepcopy(net)
+        window_net = [m]
+        loss = loss or (lambda window, b: window.backward(mc.term_losses(m, b)))
+        runs.append(tc.train(m, data, 3, loss=loss, **kw)[0])
+    _check(net, runs[0], [data[0:3], data[3:6]])
+    for other in runs[1:]:
+        assert rel_error(other[0], runs[0][0]) < 1e-6 and rel_error(other[1], runs[0][1]) < 1e-6
+
+
+def test_one_term_mapping_is_the_plain_call():
+    net, data = tc.model(), _data()
+    plain, mapped = copy.deepcopy(net), copy.deepcopy(net)
+    a = tc.train(plain, data, 3, terms=None, loss=lambda w, b: w.backward(*mc.mean_loss(plain, b)))[0]
+    b = tc.train(mapped, data, 3, terms=None, loss=lambda w, b: w.backward({"lm": mc.mean_loss(mapped, b)}))[0]
+    assert all(torch.equal(x, y) for s, t in zip(a, b) for x, y in zip(s, t))
+
+
+def test_a_single_weight_per_micro_batch_is_off():
+    # What this replaces: the summed loss weighed by tokens (one denominator). Must be far off,
+    # or the exactness checks above could not tell the difference.
+    net, data = tc.model(), _data()
+    m = copy.deepcopy(net)
+
+    def summed(window, b):
+        terms = mc.term_losses(m, b)
+        loss = sum(v[0] for v in terms.values())
+        window.backward(loss, num_items=int(terms["lm"][1]))
+
+    seen = tc.train(m, data, 3, terms=None, loss=summed)[0]
+    want, _ = tc.reference(net, data[0:3])
+    assert rel_error(seen[0], want) > 0.02
+
+
+def test_several_terms_without_counters_are_refused_with_the_way_out():
+    net = tc.model()
+    acc = gradaccum.Accumulator(net, torch.optim.SGD(net.parameters(), lr=0.1), steps=2)
+    for window in acc.windows(_data()):
+        for batch in window:
+            with pytest.raises(ValueError, match=r"terms=\{name: counter\}"):
+                window.backward(mc.term_losses(net, batch))
+            break
+        break
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda t: {**t, "other": t["lm"]}, "does not count"),
+    (lambda t: {"lm": (t["lm"][0].detach(), 3)}, "requires grad"),
+    (lambda t: {"lm": (t["lm"][0], -1)}, "finite number >= 0"),
+    (lambda t: {}, "no term"),
+])
+def test_bad_terms_are_refused(bad, message):
+    net = tc.model()
+    acc = gradaccum.Accumulator(net, torch.optim.SGD(net.parameters(), lr=0.1), steps=2, terms=mc.COUNTERS)
+    window = next(iter(acc.windows(_data())))
+    batch = next(iter(window))
+    with pytest.raises(ValueError, match=message):
+        window.backward(bad(mc.term_losses(net, batch)))
+
+
+def test_a_counter_that_disagrees_with_the_counts_given_fails_the_window_and_changes_nothing():
+    net = tc.model()
+    before = [p.detach().clone() for p in net.parameters()]
+    counters = {**mc.COUNTERS, "lm": lambda b: int(b["mask"].sum())}  # counts the first token too
+    acc = gradaccum.Accumulator(net, torch.optim.SGD(net.parameters(), lr=0.1), steps=3, terms=counters)
+    with pytest.raises(ValueError, match=r"term 'lm'.*counter counted"):
+        for window in acc.windows(_data()):
+            for batch in window:
+                window.backward(mc.term_losses(net, batch))
+            window.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_constructor_refuses_bad_counters():
+    net = tc.model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="non-empty mapping"):
+        gradaccum.Accumulator(net, opt, terms={})
+    with pytest.raises(TypeError, match="not"):
+        gradaccum.Accumulator(net, opt, terms={"lm": 3})
+
+
+def test_mid_window_state_is_refused_by_an_accumulator_built_otherwise():
+    net, data = tc.model(), _data()
+    acc = gradaccum.Accumulator(net, RecordingSGD(net.parameters(), lr=0.0), steps=3, terms=mc.COUNTERS)
+    for window in acc.windows(data):
+        for batch in window:
+            window.backward(mc.term_losses(net, batch))
+            break
+        break
+    saved = acc.state_dict()
+    assert sorted(saved["state"]["terms"]) == ["lm", "seq"]
+    plain = gradaccum.Accumulator(net, torch.optim.SGD(net.parameters(), lr=0.1), steps=3)
+    with pytest.raises(ValueError, match="build it as the checkpointed one was"):
+        plain.load_state_dict(saved)
+    other = gradaccum.Accumulator(net, torch.optim.SGD(net.parameters(), lr=0.1), steps=3,
+                                  terms={"lm": mc.COUNTERS["lm"], "kl": len})
+    with pytest.raises(ValueError, match="checkpointed run's terms"):
+        other.load_state_dict(saved)
+    broken = copy.deepcopy(saved)
+    broken["state"]["terms"]["lm"] = [1.0, "x", 0.0]
+    with pytest.raises(ValueError, match="'terms' must map"):
+        acc.load_state_dict(broken)
