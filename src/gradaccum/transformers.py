@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
+from . import _trl
 from ._items import KINDS, count_items
 
 __all__ = ["ExactAccumulationMixin", "Trainer", "count_items", "item_kind"]
@@ -117,8 +118,22 @@ class ExactAccumulationMixin(_TrainerBase):
         self._weight: Optional[float] = None
         self._window_items, self._world = 0.0, 1
         self._divides: Optional[bool] = None  # whether compute_loss_func divides by num_items_in_batch
+        # TRL's GRPOTrainer: its batches are prompts, counted after generation (see gradaccum._trl).
+        self._grpo = _trl.is_trl(self, "GRPOTrainer")
+        self._grpo_window: Optional[int] = None  # micro-batches of a window whose first is not yet prepared
+        self._grpo_totals: Optional[torch.Tensor] = None
+        if self._grpo and items is not None:
+            raise ValueError(
+                "items= with GRPOTrainer: its micro-batches are counted after generation, by the loss type's own "
+                "items (completion tokens or completions); leave items out")
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        if self._grpo:
+            batches, count = super().get_batch_samples(epoch_iterator, num_batches, device)
+            if self._grpo_totals is None:
+                _trl.check(self)
+            self._grpo_window = len(batches)  # counted once its completions exist (_prepare_inputs)
+            return batches, count
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if self.args.gradient_accumulation_steps == 1 and world == 1:
             # Nothing to accumulate and nobody to count with: exactly the stock Trainer.
@@ -147,7 +162,17 @@ class ExactAccumulationMixin(_TrainerBase):
         # None: nothing downstream may normalise by a window total the model may ignore.
         return batches, None
 
+    def _prepare_inputs(self, inputs: Any) -> Any:
+        prepared = super()._prepare_inputs(inputs)
+        if self._grpo and self._grpo_window is not None and getattr(self.model, "training", False):
+            # The window's first micro-batch: its generation has run, the window's completions exist.
+            self._grpo_totals = _trl.window_totals(self, self._grpo_window)
+            self._grpo_window = None
+        return prepared
+
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        if self._grpo:
+            return super().training_step(model, inputs, num_items_in_batch)
         if self._weights is None:  # one micro-batch per step in one process: the stock step
             return super().training_step(model, inputs, num_items_in_batch)
         weight = self._weights.get(id(inputs))
@@ -164,6 +189,10 @@ class ExactAccumulationMixin(_TrainerBase):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        if self._grpo and model.training and self._grpo_totals is not None:
+            totals = self._grpo_totals
+            return _trl.exact_loss(self, inputs, totals, lambda: super(ExactAccumulationMixin, self).compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch))
         if self._weight is None:  # evaluation, prediction, or the stock step
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         user_loss = self.compute_loss_func
@@ -196,6 +225,8 @@ class ExactAccumulationMixin(_TrainerBase):
     def _counter(self) -> Callable[[Mapping[str, Any]], int]:
         if callable(self._items):
             return self._items
+        if self._items is None and _trl.is_trl(self, "DPOTrainer"):
+            return _trl.dpo_pairs(self)  # DPO's losses average over preference pairs
         kind = self._items
         if kind is None:
             try:

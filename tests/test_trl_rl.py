@@ -1,0 +1,105 @@
+"""TRL's GRPOTrainer and DPOTrainer with ``ExactAccumulationMixin`` (nothing more) against the
+float64 big batch.
+
+For loss types bnpo, grpo, dr_grpo and dapo, ``steps_per_generation`` k and 2k, the entropy
+bonus off and on: the gradient of every optimizer step equals the gradient of that step's
+objective over all its completions (every rank's) as one batch, recomputed in float64 without
+the trainer (``grpo_cells.reference``). The stock trainer runs beside it on the same
+completions; where its normalization is a mean of micro-batch means, it must be off, or
+the check could not tell. DPO: a window whose last micro-batch holds fewer pairs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+import dpo_cells as dc  # noqa: E402
+import grpo_cells as gc  # noqa: E402
+
+# Where stock GRPO normalizes per micro-batch: bnpo always; dapo once a generation spans two
+# windows; the entropy bonus (a per-micro-batch token mean divided by k) in every loss type.
+def stock_is_off(loss_type: str, spg: int, entropy: float) -> bool:
+    return loss_type == "bnpo" or (loss_type == "dapo" and spg > gc.K) or entropy > 0
+
+
+def _check(results: dict, ranks: int) -> None:
+    for (loss_type, spg, entropy, exact), _ in results[0].items():
+        runs = [r[(loss_type, spg, entropy, exact)] for r in results]
+        where = f"{ranks} rank(s) {loss_type} spg={spg} entropy={entropy} {'exact' if exact else 'stock'}"
+        assert len(runs[0]["grads"]) == 2, where
+        errors = [gc.relative(runs[0]["grads"][s], gc.reference(runs, s, loss_type, entropy)) for s in range(2)]
+        if exact:
+            assert max(errors) <= 1e-5, f"{where}: {errors}"
+        elif stock_is_off(loss_type, spg, entropy):
+            assert max(errors) > 1e-3, f"{where}: stock was expected off, {errors}"
+        else:
+            assert max(errors) <= 1e-5, f"{where}: stock was expected exact, {errors}"
+        for other in runs[1:]:  # every rank applied the same update
+            assert all(torch.equal(a, b) for x, y in zip(runs[0]["grads"], other["grads"]) for a, b in zip(x, y))
+
+
+def test_grpo_one_process(tmp_path):
+    _check([gc.grid(str(tmp_path))], 1)
+
+
+def test_grpo_two_ranks(tmp_path):
+    _check(_torchrun("grpo_cells.py", tmp_path), 2)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"steps_per_generation": 4}, "multiple of gradient_accumulation_steps"),
+    ({"top_entropy_quantile": 0.5}, "top_entropy_quantile < 1"),
+])
+def test_what_cannot_be_exact_is_refused_before_training(tmp_path, change, message):
+    spg = change.pop("steps_per_generation", gc.K)
+    args = gc.config(str(tmp_path), "bnpo", gc.K, spg, 0.05, **change)
+    trainer = gc.ExactGRPOTrainer(model=gc.gpt2(), reward_funcs=gc.reward, args=args, train_dataset=gc.prompts(16),
+                                  processing_class=gc.tokenizer())
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def _torchrun(script: str, out) -> list:
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         os.path.join(os.path.dirname(__file__), script), str(out)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out / f"rank-{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _check_dpo(ranks: list[dict], exact: bool, where: str, partial: bool = True) -> None:
+    sizes = [int(b["input_ids"].shape[0]) // 2 for b in ranks[0]["inputs"]]
+    assert len(set(sizes)) > 1 or not partial, f"{where}: micro-batches of {sizes} pairs, none partial"
+    errors = [gc.relative(ranks[0]["grads"][s], dc.reference(ranks, s)) for s in range(len(ranks[0]["grads"]))]
+    if exact or not partial:
+        assert max(errors) <= 1e-5, f"{where}: {errors}"
+    else:
+        assert max(errors) > 1e-2, f"{where}: stock was expected off, {errors}"
+
+
+def test_dpo_one_process(tmp_path):
+    for exact in (False, True):
+        _check_dpo([dc.run(exact, str(tmp_path))], exact, f"1 process {'exact' if exact else 'stock'}")
+
+
+def test_dpo_two_ranks(tmp_path):
+    # Accelerate pads every rank's last micro-batch with repeated pairs, so no micro-batch is
+    # partial here and stock is exact too (a last window of 2 micro-batches included).
+    ranks = _torchrun("dpo_cells.py", tmp_path)
+    assert len(ranks[0][True]["grads"]) == 2
+    for exact in (False, True):
+        _check_dpo([r[exact] for r in ranks], exact, f"2 ranks {'exact' if exact else 'stock'}", partial=False)
+
+
+def test_dpo_losses_that_are_not_per_pair_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="'sft' is a mean over the chosen"):
+        dc.run(True, str(tmp_path), loss_type=["sigmoid", "sft"])
