@@ -11,7 +11,6 @@ completions of that step (every rank's) as one batch, and its gradient.
 
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
@@ -45,11 +44,10 @@ def gpt2(seed: int = 0):
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
                                   bos_token_id=1, eos_token_id=1, pad_token_id=0)
     model = transformers.GPT2LMHeadModel(cfg)
-    with torch.no_grad():  # end of sequence likely, so completion lengths spread over 1..8
-        model.lm_head.weight[1] = model.transformer.ln_f.bias.detach() * 0 + 0.0
-        model.lm_head.weight[1, :] = 0.0
+    # End of sequence likely (about 1 in 4 per token), so completion lengths spread over 1..8.
     model.lm_head.bias = torch.nn.Parameter(torch.zeros(VOCAB))
     with torch.no_grad():
+        model.lm_head.weight[1] = 0.0
         model.lm_head.bias[1] = 2.2
     return model
 

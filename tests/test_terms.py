@@ -79,7 +79,7 @@ def test_the_ways_of_giving_counts_agree():
     for loss, kw in [(None, {}), (bare, {}), (via_forward_backward, {}), (None, {"device_counts": True})]:
         m = copy.deepcopy(net)
         window_net = [m]
-        loss = loss or (lambda window, b: window.backward(mc.term_losses(m, b)))
+        loss = loss or (lambda window, b, m=m: window.backward(mc.term_losses(m, b)))
         runs.append(tc.train(m, data, 3, loss=loss, **kw)[0])
     _check(net, runs[0], [data[0:3], data[3:6]])
     for other in runs[1:]:
@@ -179,3 +179,20 @@ def test_mid_window_state_is_refused_by_an_accumulator_built_otherwise():
     broken["state"]["terms"]["lm"] = [1.0, "x", 0.0]
     with pytest.raises(ValueError, match="'terms' must map"):
         acc.load_state_dict(broken)
+
+
+def test_the_docs_example_runs_as_written(tmp_path):
+    # docs/terms.md's script, as a user copies it: the real MiniLM on the drug reviews.
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "terms.md").read_text()
+    script = tmp_path / "terms_example.py"
+    script.write_text(re.search(r"```python\n(.*?)```", doc, re.S).group(1))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 2 and "'sentiment'" in steps[0] and "'mlm'" in steps[0], proc.stdout

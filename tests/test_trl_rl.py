@@ -103,3 +103,17 @@ def test_dpo_two_ranks(tmp_path):
 def test_dpo_losses_that_are_not_per_pair_are_refused(tmp_path):
     with pytest.raises(ValueError, match="'sft' is a mean over the chosen"):
         dc.run(True, str(tmp_path), loss_type=["sigmoid", "sft"])
+
+
+def test_the_docs_classes_are_the_ones_tested():
+    # docs/transformers.md's GRPO/DPO block, as written: two subclasses and nothing more.
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "transformers.md").read_text()
+    block = re.search(r"### TRL `GRPOTrainer` and `DPOTrainer`\n\n```python\n(.*?)```", doc, re.S).group(1)
+    namespace: dict = {}
+    exec(block, namespace)
+    assert [c.__name__ for c in namespace["ExactGRPOTrainer"].__mro__[1:3]] == ["ExactAccumulationMixin", "GRPOTrainer"]
+    assert [c.__name__ for c in gc.ExactGRPOTrainer.__mro__[1:3]] == ["ExactAccumulationMixin", "GRPOTrainer"]
+    assert [c.__name__ for c in namespace["ExactDPOTrainer"].__mro__[1:3]] == ["ExactAccumulationMixin", "DPOTrainer"]
