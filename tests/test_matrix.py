@@ -123,9 +123,10 @@ def test_fsdp2_mid_window_state(tmp_path):
     results = dist_workers.spawn(mc.ddp_or_fsdp_cells, 2, tmp_path / "a", "fsdp2", "fp32", ["resume"])
     for r in results:
         assert "sync_every_micro_batch=True" in r["resume"]["error"], r["resume"]
-    results = dist_workers.spawn(mc.ddp_or_fsdp_cells, 2, tmp_path / "b", "fsdp2", "fp32", ["resume"], True)
+    results = dist_workers.spawn(mc.ddp_or_fsdp_cells, 2, tmp_path / "b", "fsdp2", "fp32", ["resume", "terms_resume"], True)
     for r in results:
-        check(r["resume"], "resume", "fp32", 2, "fsdp2/fp32/resume (sync every micro-batch)")
+        for feature in ("resume", "terms_resume"):
+            check(r[feature], feature, "fp32", 2, f"fsdp2/fp32/{feature} (sync every micro-batch)")
 
 
 def test_fsdp2_oom_under_torchrun_restarts_with_the_smaller_split_and_ends_at_the_big_batch(tmp_path):
