@@ -67,6 +67,36 @@ def _sums(acc: Parts, has_grad: bool) -> tuple[list[float], Any]:
     return host, dp.all_sum(local + host)
 
 
+@dataclasses.dataclass
+class _Read:
+    """The window's numbers as read back in the one host sync (see ``_sums`` for the layout)."""
+
+    items: float
+    loss_sum: float
+    invalid: float
+    term_sums: list[float]
+    micro_batches: float
+    with_grad: float
+    counts: list[float]  # each rank's micro-batches for the next window
+    next_totals: list[float]  # each term's items in the next window (all ranks)
+    norm: float
+    checks: list[float]  # the stores' deferred checks
+
+
+def _read(acc: Parts, host: list[float], sums: Any, norm_t: torch.Tensor, checks: list) -> _Read:
+    world, t = acc.parallel.world, len(acc.terms.names) if acc.terms is not None else 0
+    if isinstance(sums, torch.Tensor):  # the one host sync of the window
+        read = torch.cat([sums, norm_t.detach().reshape(1).to(sums), *(c.reshape(1).to(sums) for c in checks)]).tolist()
+        if world == 1:  # one process kept its host numbers on the host
+            read[3 + 2 * t:3 + 2 * t] = host
+    else:
+        read = list(sums) + [float(norm_t)] + [float(c) for c in checks]
+    rest = read[3 + 2 * t:]
+    return _Read(items=read[0], loss_sum=read[1], invalid=read[2], term_sums=read[3:3 + 2 * t],
+                 micro_batches=rest[0], with_grad=rest[1], counts=rest[2:2 + world],
+                 next_totals=rest[2 + world:2 + world + t], norm=rest[2 + world + t], checks=rest[3 + world + t:])
+
+
 def finish(acc: Parts, window: WindowState) -> StepReport:
     """Leave the window's mean gradient in ``.grad`` (clipped) and report; no update yet."""
     st, dp, stores = acc.state, acc.parallel, acc.stores
@@ -80,9 +110,10 @@ def finish(acc: Parts, window: WindowState) -> StepReport:
     items_t = sums[0]  # a device tensor on the device path: never read here
     assert st.reference is not None  # set by the window's first backward (or stand-in)
     # Held: sum_i n_i * g_i / D. Times D / N (and the ranks DDP/FSDP average over) = the mean.
-    scale = (st.reference * st.planned * dp.world) / items_t if isinstance(items_t, torch.Tensor) or items_t else 1.0
     if acc.terms is not None:
-        scale = float(dp.world)  # the terms' weights were exact at the backward (see terms.py)
+        scale: Any = float(dp.world)  # the terms' weights were exact at the backward (see terms.py)
+    else:
+        scale = (st.reference * st.planned * dp.world) / items_t if isinstance(items_t, torch.Tensor) or items_t else 1.0
     if isinstance(scale, torch.Tensor):
         scale = scale.to(torch.float32)
     if window.explicit_reduce:
@@ -99,30 +130,21 @@ def finish(acc: Parts, window: WindowState) -> StepReport:
         # With the norm as a tensor: a non-finite norm makes NaNs, but that window is skipped.
         torch.nn.utils.clip_grads_with_norm_(acc.params, acc.max_grad_norm, norm_t, foreach=acc.foreach)
     checks = stores.deferred()
-    t = len(acc.terms.names) if acc.terms is not None else 0
-    if isinstance(sums, torch.Tensor):  # the one host sync of the window
-        read = torch.cat([sums, norm_t.detach().reshape(1).to(sums), *(c.reshape(1).to(sums) for c in checks)]).tolist()
-        if dp.world == 1:
-            read[3 + 2 * t:3 + 2 * t] = host
-    else:
-        read = list(sums) + [float(norm_t)] + [float(c) for c in checks]
-    items, loss_sum, invalid = read[:3]
-    term_sums, read = read[3:3 + 2 * t], read[3 + 2 * t:]
-    micro_batches, with_grad = read[:2]
-    counts, next_totals, norm = read[2:2 + dp.world], read[2 + dp.world:2 + dp.world + t], read[2 + dp.world + t]
+    r = _read(acc, host, sums, norm_t, checks)
+    items, loss_sum, micro_batches, norm = r.items, r.loss_sum, r.micro_batches, r.norm
     means: Optional[dict[str, float]] = None
     try:
-        if invalid:
+        if r.invalid:
             raise ValueError(
                 "num_items must be > 0 and finite for every micro-batch (the tokens or samples that the "
                 "loss averages over); a tensor count in this window was not. Skip a micro-batch with no "
                 "items instead of backpropagating it. This window is not applied"
             )
         if acc.terms is not None:
-            means, disagree = acc.terms.report(term_sums)
+            means, disagree = acc.terms.report(r.term_sums)
             if disagree:
                 raise ValueError(disagree)
-        stores.check(read[3 + dp.world + t:])
+        stores.check(r.checks)
     except Exception:
         acc.abandon(window)
         raise
@@ -136,14 +158,14 @@ def finish(acc: Parts, window: WindowState) -> StepReport:
         micro_batches=int(micro_batches),
         grad_norm=norm,
         # Nothing to apply: no parameter received a gradient anywhere, or it is not finite.
-        skipped=not with_grad or (held is not None and not math.isfinite(norm)),
+        skipped=not r.with_grad or (held is not None and not math.isfinite(norm)),
         lr=float(lr) if lr is not None else None,
         splits=st.splits,
         stand_ins=window.stand_ins,
         terms=means,
     )
     window.scaled = acc.scaler is not None and bool(grads)
-    window.next_counts, window.next_totals = counts, next_totals
+    window.next_counts, window.next_totals = r.counts, r.next_totals
     window.items_per_micro_batch = items / micro_batches if micro_batches else None
     return window.finished
 
