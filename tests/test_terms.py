@@ -126,6 +126,7 @@ def test_several_terms_without_counters_are_refused_with_the_way_out():
     (lambda t: {"lm": (t["lm"][0].detach(), 3)}, "requires grad"),
     (lambda t: {"lm": (t["lm"][0], -1)}, "finite number >= 0"),
     (lambda t: {}, "no term"),
+    (lambda t: t["lm"][0], r"give the mapping"),  # a plain loss would be weighed by the terms' scale
 ])
 def test_bad_terms_are_refused(bad, message):
     net = tc.model()

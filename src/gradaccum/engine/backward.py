@@ -27,6 +27,10 @@ def micro_batch(acc: Parts, window: WindowState, loss: Any, num_items: Any, batc
             _terms(acc, window, loss, num_items, batch)
             return
         loss, num_items = _one_term(loss, num_items)  # one denominator: the boundary scale fixes it
+    elif acc.terms is not None:
+        raise ValueError(
+            f"window.backward(loss) on an Accumulator built with terms={acc.terms.names}: give the mapping "
+            "{term: (mean, num_items)}, one entry per term this micro-batch has")
     st = acc.state
     if window.is_stand_in:
         _stand_in(acc, window, loss)
@@ -39,10 +43,7 @@ def micro_batch(acc: Parts, window: WindowState, loss: Any, num_items: Any, batc
         )
     if not loss.requires_grad:
         raise ValueError("loss does not require grad: compute it from the model's output, outside torch.no_grad()")
-    if acc.autocast_dtype is not None and not acc.autocast_used and not acc.warned_autocast:
-        acc.warned_autocast = True
-        warnings.warn(f"precision={acc.precision!r} but the forward ran outside window.autocast(): "
-                      "wrap the forward in `with window.autocast():` (backward stays outside)", stacklevel=3)
+    _check_autocast(acc, 4)  # pointing at the caller of window.backward
     n, weighted = acc.counts.items(num_items)
     if st.micro_batches == 0 and acc.parallel.world == 1:
         # One process: the window's first micro-batch sets the scale, so a window of one
@@ -67,6 +68,13 @@ def micro_batch(acc: Parts, window: WindowState, loss: Any, num_items: Any, batc
     st.weighted = weighted
     st.micro_batches += 1
     acc.counts.record(loss, n)
+
+
+def _check_autocast(acc: Parts, stacklevel: int) -> None:
+    if acc.autocast_dtype is not None and not acc.autocast_used and not acc.warned_autocast:
+        acc.warned_autocast = True
+        warnings.warn(f"precision={acc.precision!r} but the forward ran outside window.autocast(): "
+                      "wrap the forward in `with window.autocast():` (backward stays outside)", stacklevel=stacklevel)
 
 
 def _one_term(mapping: Mapping[str, Any], num_items: Any) -> tuple[Any, Any]:
@@ -101,10 +109,7 @@ def _terms(acc: Parts, window: WindowState, mapping: Mapping[str, Any], num_item
         _add_nothing(acc, first)
         st.micro_batches += 1
         return
-    if acc.autocast_dtype is not None and not acc.autocast_used and not acc.warned_autocast:
-        acc.warned_autocast = True
-        warnings.warn(f"precision={acc.precision!r} but the forward ran outside window.autocast(): "
-                      "wrap the forward in `with window.autocast():` (backward stays outside)", stacklevel=4)
+    _check_autocast(acc, 5)
     if acc.scaler is not None:
         acc.scaler.scale(combined).backward()
     else:
