@@ -10,6 +10,7 @@ one-process adapter does nothing at all. DeepSpeed's lives in ``engine/deepspeed
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import sys
@@ -148,8 +149,10 @@ class Collective(_Ranks):
             return
         store = self._store
 
+        stop = threading.Event()
+
         def watch() -> None:
-            while True:
+            while not stop.is_set():
                 try:
                     if self._announced:
                         return
@@ -159,10 +162,19 @@ class Collective(_Ranks):
                         os._exit(self.EXIT_CODE)
                 except Exception:  # the store went away with the job: nothing to watch
                     return
-                threading.Event().wait(0.2)
+                stop.wait(0.2)
+
+        def join() -> None:
+            # A daemon thread still inside the store's C++ call when the interpreter finalizes
+            # is unwound there, and the process aborts ("terminate called without an active
+            # exception"): end it before that, at exit.
+            stop.set()
+            if self._watch is not None:
+                self._watch.join(timeout=10)
 
         self._watch = threading.Thread(target=watch, name="gradaccum-oom-watch", daemon=True)
         self._watch.start()
+        atexit.register(join)
 
     def announce_oom(self, message: str) -> None:
         self._announced = True
