@@ -12,6 +12,7 @@ import torch
 import deepspeed_workers as w
 import dist_workers
 from reference import TinyLM, big_batch_lm_grads, rel_error
+import launch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="the [deepspeed] extra is not installed")
 
@@ -150,7 +151,7 @@ def test_the_docs_loop_runs_as_written_under_torchrun(tmp_path):
     script.write_text(re.search(r"```python\n(.*?)```", doc, re.S).group(1))
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert launch.finished(out), out.stderr[-3000:]
     steps = re.findall(r"step (\d+): loss [\d.]+ over (\d+) tokens", out.stdout)
     assert [s for s, _ in steps] == ["1", "2", "3"]  # 10 micro-batches, k=4: the last window is partial
 
@@ -183,7 +184,7 @@ def _trainer_under_torchrun(tmp_path, stage: int, kind: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            worker, str(weights), str(stage), kind], capture_output=True, text=True, env=env,
                           timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert launch.finished(proc), proc.stderr[-3000:]
     return torch.load(weights)
 
 

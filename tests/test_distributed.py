@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dist_workers
+import launch
 from reference import TinyLM, big_batch_lm_grads, make_sequences, micro_batches, rel_error  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
@@ -88,7 +89,7 @@ def test_train_under_torchrun(tmp_path):
          "--max-steps", "3", "--max-length", "24", "--train-limit", "40", "--eval-limit", "8", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert launch.finished(proc), proc.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["world_size"] == 2 and s["effective_batch"] == 12 and s["optimizer_steps"] == 3
     rows = (out / "metrics.csv").read_text().splitlines()
@@ -108,7 +109,7 @@ def test_transformers_trainer_under_torchrun_equals_one_process_big_batch(tmp_pa
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", worker, str(weights)],
         capture_output=True, text=True, env=env, timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert launch.finished(proc), proc.stderr[-3000:]
     data, collate = variable_length_rows(36, causal=True), pad_collator(causal=True)
     big = train(transformers.Trainer, gpt2_lm(), data, collate, tmp_path, batch=12, k=1, own_mean=True)
     got = torch.load(weights)

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+import launch
 
 pytest.importorskip("transformers")
 
@@ -55,7 +56,7 @@ def ddp_run(tmp_path_factory):
     """The uninterrupted DDP run every layout is compared with."""
     out = tmp_path_factory.mktemp("ddp") / "run"
     proc = _torchrun(*ARGS, "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert launch.finished(proc), proc.stderr[-3000:]
     return out
 
 
@@ -67,7 +68,7 @@ def test_each_layout_trains_and_resumes_to_the_uninterrupted_run(tmp_path, ddp_r
         shutil.copytree(ddp_run, out)
     else:
         proc = _torchrun(*ARGS, "--shard", shard, "--out", str(out))
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert launch.finished(proc), proc.stderr[-3000:]
     last, before = out / "checkpoints" / "step-0000004", out / "checkpoints" / "step-0000003"
     straight = _weights(last)
     # The same weights as DDP (sharded reductions add in another order: 1e-6).
@@ -79,7 +80,7 @@ def test_each_layout_trains_and_resumes_to_the_uninterrupted_run(tmp_path, ddp_r
     shutil.rmtree(last)
     (out / "summary.json").unlink()
     proc = _torchrun("--resume", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert launch.finished(proc), proc.stderr[-3000:]
     assert "resuming from" in proc.stdout and "step 3" in proc.stdout
     assert _same(_weights(last), straight) == 0.0  # bit for bit
     assert _rows(out) == rows
@@ -87,7 +88,7 @@ def test_each_layout_trains_and_resumes_to_the_uninterrupted_run(tmp_path, ddp_r
 
 def test_resume_on_another_number_of_ranks_is_refused_naming_both(tmp_path):
     out = tmp_path / "run"
-    assert _torchrun(*ARGS, "--max-steps", "2", "--out", str(out)).returncode == 0
+    assert launch.finished(_torchrun(*ARGS, "--max-steps", "2", "--out", str(out)))
     (out / "summary.json").unlink()
     shutil.rmtree(out / "checkpoints" / "step-0000002")
     proc = _torchrun("--resume", str(out), nproc=1)
@@ -159,7 +160,7 @@ def test_a_rank_killed_mid_run_resumes_to_the_uninterrupted_run(tmp_path, ddp_ru
     done = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert "step-0000004" not in done or not (out / "summary.json").exists()
     proc = _torchrun("--resume", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert launch.finished(proc), proc.stderr[-3000:]
     final = out / "checkpoints" / "step-0000004"
     assert _same(_weights(final), _weights(ddp_run / "checkpoints" / "step-0000004")) == 0.0
     assert _rows(out) == _rows(ddp_run)
@@ -194,12 +195,12 @@ def test_sentiment_and_retrieval_resume_under_torchrun_bit_for_bit(tmp_path, tin
         args += ["--batching", task.split("-")[1]]
     out = tmp_path / task
     proc = _torchrun(*args, "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert launch.finished(proc), proc.stderr[-3000:]
     last = out / "checkpoints" / "step-0000004"
     straight, rows = _weights(last), _rows(out)
     shutil.rmtree(last)
     (out / "summary.json").unlink()
     proc = _torchrun("--resume", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert launch.finished(proc), proc.stderr[-3000:]
     assert _same(_weights(last), straight) == 0.0
     assert _rows(out) == rows

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+import launch
 
 pytest.importorskip("trl")
 import dpo_cells as dc  # noqa: E402
@@ -72,7 +73,7 @@ def _torchrun(script: str, out) -> list:
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          os.path.join(os.path.dirname(__file__), script), str(out)],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert launch.finished(proc), proc.stderr[-3000:]
     return [torch.load(out / f"rank-{r}.pt", weights_only=False) for r in range(2)]
 
 
