@@ -132,11 +132,10 @@ class Terms:
         return {name: [self.totals[j], sums[j], sums[t + j]] for j, name in enumerate(self.names)}
 
     def load(self, saved: Optional[dict[str, list[float]]]) -> None:
+        """A saved window's totals and sums (its names checked by ``checkpoint.restore``)."""
         if not saved:
             self.clear()
             return
-        if sorted(saved) != sorted(self.names):
-            raise ValueError(f"the saved window has terms {sorted(saved)} but this Accumulator counts {sorted(self.names)}")
         self.totals = [float(saved[name][0]) for name in self.names]
         self.sums = torch.tensor([saved[n][1] for n in self.names] + [saved[n][2] for n in self.names],
                                  dtype=torch.float64, device=self.device)
