@@ -65,3 +65,27 @@ def token_budget_two_ranks(rank: int, world: int) -> dict:
     loader = torch.utils.data.DataLoader(seqs, batch_sampler=sampler, collate_fn=mc.batch_of)
     seen, reports = train(net, loader, sampler, loss=lambda w, b: w.backward(mc.term_losses(net, b)))
     return {"seen": seen, "stand_ins": [r.stand_ins for r in reports], "terms": [r.terms for r in reports]}
+
+
+def stored_two_ranks(rank: int, world: int, oom: str = "") -> dict:
+    """DDP, several terms named without counters (one gradient store per term); ranks' data differ."""
+    net = model()
+    if oom:
+        net.oom.limit, net.oom.where = 2, oom
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    data = mc.rank_data("counts", rank, world)
+    if oom:
+        loss = lambda w, b: w.forward_backward(b, lambda x: mc.term_losses(ddp, x))  # noqa: E731
+    else:
+        loss = lambda w, b: w.backward(mc.term_losses(ddp, b))  # noqa: E731
+    seen, reports = train(ddp, data, 3, loss=loss, terms=["lm", "seq"])
+    acc = gradaccum.Accumulator(ddp, torch.optim.SGD(ddp.parameters(), lr=0.0), steps=3)
+    refused = ""
+    for window in acc.windows(data[3:]):  # every rank's first micro-batch has both terms
+        try:
+            window.backward(mc.term_losses(ddp, next(iter(window))))
+        except ValueError as exc:
+            refused = str(exc)
+        break
+    return {"seen": seen, "terms": [r.terms for r in reports], "splits": [r.splits for r in reports],
+            "refused": refused}

@@ -111,14 +111,72 @@ def test_a_single_weight_per_micro_batch_is_off():
     assert rel_error(seen[0], want) > 0.02
 
 
-def test_several_terms_without_counters_are_refused_with_the_way_out():
+@pytest.mark.parametrize("how", ["backward", "forward_backward_oom", "named"])
+def test_several_terms_without_counters_keep_a_store_per_term(how):
+    # terms=None: no term is counted ahead; "seq" first appears after the first micro-batch and
+    # is absent from some; windows of 2, 4, 4 and a partial 2; an OOM splits micro-batches.
+    net, data = tc.model(), _data(other=True) + _data()
+    steps = lambda s: 2 if s == 0 else 4  # noqa: E731
+    m = copy.deepcopy(net)
+    if how == "backward":
+        loss = lambda w, b: w.backward(mc.term_losses(m, b))  # noqa: E731
+    else:
+        m.oom.limit, m.oom.where = 2, "backward"
+        loss = lambda w, b: w.forward_backward(b, lambda x: mc.term_losses(m, x))  # noqa: E731
+    assert "seq" not in mc.term_losses(net, data[0]) and "seq" not in mc.term_losses(net, data[2])
+    seen, reports = tc.train(m, data, steps, loss=loss, terms=["lm", "seq"] if how == "named" else None)
+    windows = [data[0:2], data[2:6], data[6:10], data[10:12]]
+    _check(net, seen, windows)
+    for report, batches in zip(reports, windows):
+        assert report.terms == pytest.approx(tc.reference(net, batches)[1], rel=1e-5)
+    if how != "backward":
+        assert sum(r.splits for r in reports) > 0
+
+
+@pytest.mark.parametrize("oom", ["", "backward"])
+def test_several_terms_without_counters_on_two_ddp_ranks(tmp_path, oom):
+    results = dist_workers.spawn(tc.stored_two_ranks, 2, tmp_path, oom)
+    for r in results:
+        assert "error" not in r, r.get("trace")
+    data = [_data(), _data(other=True)]
+    net = tc.model()
+    _check(net, results[0]["seen"], [data[0][0:3] + data[1][0:3], data[0][3:6] + data[1][3:6]])
+    for a, b in zip(results[0]["seen"], results[1]["seen"]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert results[0]["terms"] == results[1]["terms"]
+    assert bool(oom) == (sum(results[0]["splits"]) + sum(results[1]["splits"]) > 0)
+    # Without terms= a rank cannot know which terms the others will bring: named the way out.
+    assert all("terms=['lm', 'seq']" in r["refused"] for r in results), results[0]["refused"]
+
+
+def test_one_term_mappings_of_two_terms_in_a_window_are_two_denominators():
+    # {"lm": ...} then {"seq": ...}: one weight each would mix two means; the engine keeps a store.
+    net, data = tc.model(), _data()[:2]
+    m = copy.deepcopy(net)
+    names = iter(["lm", "seq"])
+    seen = tc.train(m, data, 2, terms=None, loss=lambda w, b: w.backward(
+        (lambda n, t: {n: t[n]})(next(names), mc.term_losses(m, b))))[0]
+    mm = copy.deepcopy(net).double()
+    lm = mc.mean_loss_terms(mm, data[0])
+    seq = mc.SEQ_COEF * mc.sequence_means(mm, data[1]).mean()
+    (lm[0] / lm[1] + seq).backward()
+    assert rel_error(seen[0], [p.grad for p in mm.parameters()]) < 1e-5
+
+
+def test_several_terms_without_counters_are_refused_where_they_cannot_be_held_apart():
     net = tc.model()
     acc = gradaccum.Accumulator(net, torch.optim.SGD(net.parameters(), lr=0.1), steps=2)
     for window in acc.windows(_data()):
-        for batch in window:
-            with pytest.raises(ValueError, match=r"terms=\{name: counter\}"):
-                window.backward(mc.term_losses(net, batch))
-            break
+        it = iter(window)
+        window.backward(*mc.mean_loss(net, next(it)))
+        with pytest.raises(ValueError, match="the same form"):
+            window.backward(mc.term_losses(net, next(it)))
+        break
+    acc = gradaccum.Accumulator(net, torch.optim.SGD(net.parameters(), lr=0.1), steps=2)
+    for window in acc.windows(_data()):
+        window.backward(mc.term_losses(net, next(iter(window))))
+        with pytest.raises(RuntimeError, match="Save at a window boundary"):
+            acc.state_dict()
         break
 
 

@@ -13,14 +13,20 @@ micro-batches: the common case then costs nothing beyond the plain loop.
 
 Without item counts every micro-batch counts as one item, so the same arithmetic gives
 "each micro-batch present weighs the same" (a partial window is still a mean).
+
+Where a window's total is counted before its first backward (several terms, the Trainer's
+windows), the weight is exact at once: :func:`share`. Loops that run their own backward
+(Accelerate, Lightning, MindSpore) keep their counts in a :class:`Tally`. No torch import:
+the MindSpore accumulator uses the same formulas.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import typing
 import numbers
-from typing import Callable, Optional, Union
+import typing
+from typing import Any, Callable, Optional, Sequence, Union
 
 StepsLike = Union[int, Callable[[int], int]]
 
@@ -105,7 +111,7 @@ def micro_batch_items(num_items: object, window_weighted: Optional[bool]) -> tup
     return (check_num_items(num_items) if weighted else 1), weighted
 
 
-def provisional_weight(num_items: float, reference: float, planned: int) -> float:
+def provisional_weight(num_items: Any, reference: Any, planned: int) -> Any:
     """Weight of one micro-batch's mean loss before the window's total is known.
 
     >>> provisional_weight(30, reference=30, planned=4)
@@ -114,11 +120,12 @@ def provisional_weight(num_items: float, reference: float, planned: int) -> floa
     return num_items / (reference * planned)
 
 
-def boundary_scale(total_items: float, reference: float, planned: int, world_size: int = 1) -> float:
+def boundary_scale(total_items: Any, reference: float, planned: int, world_size: int = 1) -> Any:
     """Factor that turns the held sum of provisionally weighted gradients into the mean.
 
     ``world_size`` undoes the averaging over ranks that DDP and FSDP apply when they
-    reduce gradients, since the item total is already global.
+    reduce gradients, since the item total is already global. ``total_items`` may be a
+    device tensor (the result is one too, never read here).
 
     >>> boundary_scale(total_items=120, reference=30, planned=4)
     1.0
@@ -126,3 +133,102 @@ def boundary_scale(total_items: float, reference: float, planned: int, world_siz
     2.0
     """
     return reference * planned * world_size / total_items
+
+
+def share(num_items: Any, total_items: float, world_size: int = 1) -> Any:
+    """The exact weight of a micro-batch whose window total was counted before its backward:
+    its share of the window's items, times the ranks that the gradient is averaged over.
+
+    >>> share(10, total_items=40, world_size=2)
+    0.5
+    """
+    return num_items * world_size / total_items
+
+
+class Closed(typing.NamedTuple):
+    """What :meth:`Tally.close` found: the factor for the held gradient, the window's items
+    and its item-weighted mean loss (all ranks; 0.0 when no loss was added)."""
+
+    factor: float
+    items: float
+    loss: float
+
+
+@dataclasses.dataclass
+class Tally:
+    """One window's counts for a loop that runs its own backward (Accelerate, Lightning,
+    MindSpore): micro-batch i is backpropagated with ``add()``'s provisional weight
+    n_i / (reference * planned); when the window closes, the caller sums ``local()`` over
+    its ranks in its own collective and multiplies the held gradient by ``close()``'s factor.
+    ``reference`` is the same on every rank (the last window's global items per micro-batch),
+    so ranks that average gradients before the total is known agree.
+
+    Attributes:
+        planned: micro-batches per window, the same on every rank.
+        reference: items per micro-batch behind the provisional weights.
+        items, micro_batches, loss_sum: this rank's open window (``loss_sum`` may be a tensor).
+        weighted: whether the open window has item counts (None: no micro-batch yet).
+
+    Example:
+        >>> t = Tally()
+        >>> [t.add(n, loss=0.5) for n in (3, 1)]
+        [3.0, 1.0]
+        >>> t.close(t.local())
+        Closed(factor=0.25, items=4.0, loss=0.5)
+        >>> t.reference  # the next window's weights are n / 2
+        2.0
+    """
+
+    planned: int = 1
+    reference: float = 1.0
+    items: float = 0.0
+    micro_batches: int = 0
+    loss_sum: Any = 0.0
+    weighted: Optional[bool] = None
+
+    def add(self, num_items: object = None, loss: Any = None) -> float:
+        """Count one micro-batch (``num_items`` as ``Window.backward`` takes it, and its
+        mean ``loss``, kept as given: a tensor stays unread); return its provisional weight."""
+        n, self.weighted = micro_batch_items(num_items, self.weighted)
+        self.items += n
+        self.micro_batches += 1
+        if loss is not None:
+            self.loss_sum = self.loss_sum + loss * n
+        return float(provisional_weight(n, self.reference, self.planned))
+
+    def local(self) -> list:
+        """``[items, micro_batches, loss_sum]`` of this rank, to be summed over ranks."""
+        return [float(self.items), float(self.micro_batches), self.loss_sum]
+
+    def close(self, summed: Sequence[Any], world_size: int = 1) -> Closed:
+        """The window's factor from ``local()`` summed over ranks; the tally starts the next window."""
+        items, micro_batches, loss_sum = (float(v) for v in summed)
+        if items <= 0 or micro_batches <= 0:
+            raise ValueError("a window closed without a micro-batch: add() each micro-batch before closing it")
+        factor = float(boundary_scale(items, self.reference, self.planned, world_size))
+        loss = loss_sum / items
+        self.reference = items / micro_batches
+        self.items, self.micro_batches, self.loss_sum, self.weighted = 0.0, 0, 0.0, None
+        return Closed(factor, items, loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tally as plain numbers (a tensor loss sum is read).
+
+        >>> Tally(reference=3.0).state_dict()["reference"]
+        3.0
+        """
+        loss = self.loss_sum.item() if hasattr(self.loss_sum, "item") else float(self.loss_sum)
+        return {"planned": self.planned, "reference": self.reference, "items": float(self.items),
+                "micro_batches": self.micro_batches, "loss_sum": loss, "weighted": self.weighted}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (an older one holding only ``reference`` is accepted)."""
+        reference = state.get("reference", 1.0)
+        if isinstance(reference, bool) or not isinstance(reference, numbers.Real) or not float(reference) > 0:
+            raise ValueError(f"a tally's reference must be a positive number; got {reference!r}")
+        self.reference = float(reference)
+        self.planned = int(state.get("planned", self.planned))
+        self.items = float(state.get("items", 0.0))
+        self.micro_batches = int(state.get("micro_batches", 0))
+        self.loss_sum = float(state.get("loss_sum", 0.0))
+        self.weighted = state.get("weighted")

@@ -16,6 +16,7 @@ from . import backward as _backward
 from . import encoded as _encoded
 from . import step as _step
 from .build import build_parts
+from .packet import rank_vector
 from .parts import Parts, WindowState
 from .plan import Lookahead, Planner
 from .._state import StepReport
@@ -303,11 +304,11 @@ class Accumulator(Parts):
                     "(sampler.set_epoch(epoch, start=micro-batches consumed in that epoch))"
                 )
         local = self.window_counts(k)
-        counts = self.parallel.all_sum(_step._rank_vector(self.parallel.world, self.parallel.rank, local[0]) + local[1:])
+        counts = self.parallel.all_sum(rank_vector(self.parallel.world, self.parallel.rank, local[0]) + local[1:])
         counts = counts if isinstance(counts, list) else counts.tolist()
         self.planner.target = self.agree(counts[:self.parallel.world])
-        if self.terms is not None and not pending:
-            self.terms.totals = counts[self.parallel.world:]
+        if not pending:  # a loaded window keeps the totals it was saved with
+            self.rule.open(counts[self.parallel.world:])
         while self.planner.target > 0 or pending:
             if st.planned == 0:
                 # Planned micro-batches set the provisional weights: the same number on every rank.

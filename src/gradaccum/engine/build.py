@@ -18,7 +18,7 @@ from ..nn import WindowBatchNorm
 from . import deepspeed as _deepspeed
 from . import parallel as _parallel
 from .counts import DeviceCounts, HostCounts
-from .terms import Terms, check_counters
+from .rules import Coupled, Mean, StoredTerms, Terms, check_counters
 from .grads import BufferStore, CompactStore, DenseStore, Stores, embedding_modules
 from .plan import Lookahead, Planner
 from .parts import Parts
@@ -122,8 +122,20 @@ def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optim
     # would miss it, so then the engine reduces the window's sum itself at the step.
     acc.explicit_reduce = isinstance(dp, _parallel.DDP) and bool(acc.stores.held_elsewhere)
     acc.state = AccumulatorState()
-    acc.counts = DeviceCounts(acc.state, acc.device) if on_device else HostCounts(acc.state)
-    acc.terms = Terms(counters, acc.device) if counters is not None else None
+    counts = DeviceCounts(acc.state, acc.device) if on_device else HostCounts(acc.state)
+    # The rule, once: counters given, each term's items counted ahead; names given, one store
+    # per term; else a mean over items, which hands several terms (one process) to the stores.
+    if isinstance(counters, dict):
+        acc.rule = Terms(counters, acc.device)
+    elif counters is not None:
+        if not dp.can_store_terms:
+            raise ValueError(
+                f"terms={counters!r} (names without counters) under {dp.name}, which reduces inside every "
+                "backward, so no term can be held apart. Give each term a counter, terms={name: counter}")
+        acc.rule = StoredTerms.named(Mean(counts), counters, params, acc.device, accum_dtype)
+    else:
+        acc.rule = Mean(counts, several=StoredTerms.switch)
+    acc.coupled = Coupled()
     acc.planner = Planner(Lookahead(()))
     acc._last_seed, acc._last_weight = None, 0.0
     acc.window_norms = [m for m in model.modules() if isinstance(m, WindowBatchNorm)]

@@ -22,15 +22,9 @@ def snapshot(acc: Parts) -> dict[str, Any]:
     if st.micro_batches and acc.parallel.holds_window_grads:
         raise RuntimeError(f"a mid-window state_dict: {acc.parallel.holds_window_grads}")
     window = getattr(acc, "_current", None)
-    if window is not None and window.encoded:
-        raise RuntimeError(
-            "state_dict() between window.encode() and window.backward_encoded(): the cached "
-            "representations cannot be saved. Save at a window boundary (after window.step())"
-        )
-    acc.counts.settle()
+    rule = window.rule if window is not None and not window.closed else acc.rule
     saved = AccumulatorState(**{f.name: _number(getattr(st, f.name)) for f in dataclasses.fields(st) if f.name != "grads"})
-    if acc.terms is not None and st.planned:
-        saved.terms = acc.terms.saved()
+    rule.save(acc, saved)  # the rule's own part: its counters, its terms
     if st.micro_batches:
         saved.grads = acc.stores.held()
     out = saved.to_dict()
@@ -45,13 +39,7 @@ def restore(acc: Parts, saved: Any) -> None:
     if current is not None and not current.closed:
         raise RuntimeError("load_state_dict() while a window is open: call it before acc.windows(), or after window.step()")
     new = AccumulatorState.from_dict(saved, len(acc.params), [p.shape for p in acc.params])
-    if (new.terms is not None) != (acc.terms is not None) and new.micro_batches:
-        raise ValueError("the saved open window was accumulated " + ("with" if new.terms is not None else "without")
-                         + " terms=..., and this Accumulator is built " + ("without" if acc.terms is None else "with")
-                         + " them: build it as the checkpointed one was")
-    if new.terms is not None and acc.terms is not None and sorted(new.terms) != sorted(acc.terms.names):
-        raise ValueError(f"the saved open window has terms {sorted(new.terms)} but this Accumulator counts "
-                         f"{sorted(acc.terms.names)}: build it with the checkpointed run's terms")
+    acc.rule.check_load(acc, new)
     scaler = saved.get("scaler")
     if scaler is not None and not isinstance(scaler, dict):
         raise TypeError(f"'scaler' must be a GradScaler state_dict; got {type(scaler).__name__}")
@@ -62,8 +50,6 @@ def restore(acc: Parts, saved: Any) -> None:
     for f in dataclasses.fields(new):
         setattr(acc.state, f.name, getattr(new, f.name))
     acc.stores.load(grads)
-    acc.counts.reset()
-    if acc.terms is not None:
-        acc.terms.load(new.terms)
+    acc.rule.load(acc, new)
     if acc.scaler is not None and scaler is not None:
         acc.scaler.load_state_dict(scaler)

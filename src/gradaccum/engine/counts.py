@@ -1,8 +1,10 @@
-"""A window's running counters: items, loss sum, invalid counts.
+"""The mean rule's running counters of a window: items, loss sum, invalid counts.
 
 Two implementations, chosen once. On the CPU the numbers are read as they come (there is
 no device to wait for). On an accelerator they stay tensors on the device and are read
-once, at the step, together with the gradient norm: one host sync per window.
+once, at the step, together with the gradient norm: one host sync per window. Nothing
+here builds a device tensor from host numbers once per window: such a copy from pageable
+memory waits for the device.
 """
 
 from __future__ import annotations
@@ -37,11 +39,15 @@ class HostCounts:
         """[items, loss sum, invalid counts] of the open window on this rank."""
         return [self.state.items, self.state.loss_sum, 0.0]
 
-    def settle(self) -> None:
-        pass
+    def settle(self) -> tuple[float, float]:
+        """Items and loss sum of the open window as host numbers, for a checkpoint."""
+        return float(self.state.items), float(self.state.loss_sum)
 
     def reset(self) -> None:
         pass
+
+    def load(self, items: float, loss_sum: float) -> None:
+        """Start from a loaded window's counters (already in the state)."""
 
 
 class DeviceCounts(HostCounts):
@@ -52,12 +58,15 @@ class DeviceCounts(HostCounts):
     def __init__(self, state: AccumulatorState, device: torch.device):
         super().__init__(state)
         self.device = device
-        self.reset()
+        self.t = torch.zeros(3, dtype=torch.float64, device=device)
 
     def reset(self) -> None:
-        """Start from the state's counters (zero, or a loaded window's)."""
-        st = self.state
-        self.t = torch.tensor([float(st.items), float(st.loss_sum), 0.0], dtype=torch.float64, device=self.device)
+        """Zero for the next window: in place, on the device (no copy from the host)."""
+        self.t.zero_()
+
+    def load(self, items: float, loss_sum: float) -> None:
+        # Once per load, not per window: a copy from the host is fine here.
+        self.t = torch.tensor([float(items), float(loss_sum), 0.0], dtype=torch.float64, device=self.device)
 
     def items(self, num_items: Any) -> tuple[Number, bool]:
         if isinstance(num_items, torch.Tensor) and num_items.numel() == 1:
@@ -76,7 +85,6 @@ class DeviceCounts(HostCounts):
     def values(self) -> torch.Tensor:
         return self.t.clone()
 
-    def settle(self) -> None:
-        """Fold the device counters into the state (one sync), for a checkpoint."""
-        items, loss_sum, _ = self.t.tolist()
-        self.state.items, self.state.loss_sum = items, loss_sum
+    def settle(self) -> tuple[float, float]:
+        items, loss_sum, _ = self.t.tolist()  # one sync, for a checkpoint
+        return items, loss_sum

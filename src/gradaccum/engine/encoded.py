@@ -87,6 +87,7 @@ def encode(acc: Parts, window: WindowState, fn: Callable[[Any], Any], batch: Any
         raise RuntimeError("window.encode() after window.backward_encoded(): that window is complete; call window.step()")
     if window.mode is None:
         window.mode = "encode"
+        window.rule = acc.coupled
         if acc.parallel.world > 1:
             # Re-encoding runs without sync; the step reduces the window's gradient once.
             window.explicit_reduce = True
@@ -118,14 +119,9 @@ def backward_encoded(acc: Parts, window: WindowState, loss: torch.Tensor) -> Non
     """See :meth:`Window.backward_encoded`."""
     acc.check_current(window)
     _check(acc, window, loss)
-    st, world = acc.state, acc.parallel.world
-    # Weights that make the step's arithmetic the identity: the window counts one item in
-    # total (1/world per rank), the reference is 1. The loss's own parameters (a learnable
-    # temperature) get its gradient on every rank and are averaged; the encoder's gradient
-    # comes from each rank's own representations and is summed, hence the world factor.
-    st.reference = 1.0
-    c = 1.0 / st.planned
-    seed = torch.full((), c / world, dtype=loss.dtype, device=loss.device)
+    st, world, rule = acc.state, acc.parallel.world, acc.coupled
+    seed = torch.full((), rule.loss_seed(world), dtype=loss.dtype, device=loss.device)
+    factor = rule.representation_factor(world)
     with (acc.skip_sync() if acc.sync_control else contextlib.nullcontext()):
         if acc.scaler is not None:
             acc.scaler.scale(loss.reshape(())).backward(seed)
@@ -148,14 +144,13 @@ def backward_encoded(acc: Parts, window: WindowState, loss: torch.Tensor) -> Non
                 pairs = [(o, leaf.grad) for o, leaf in zip(_tensors(out), entry.leaves) if leaf.grad is not None]
                 if pairs:
                     outs = [o for o, _ in pairs]
-                    grads = [(g * world if world > 1 else g).to(o.dtype) for o, g in pairs]
+                    grads = [(g * factor if factor != 1.0 else g).to(o.dtype) for o, g in pairs]
                     torch.autograd.backward(outs, grads)
                     acc.stores.absorb()
             if not last:
                 acc.stores.between()
     st.micro_batches = sum(1 for e in entries if not e.stand_in)
-    st.weighted = False
-    acc.counts.record(loss.detach().float().reshape(()), 1.0 / world)
+    rule.record(acc, loss)
     window.encoded_done = True
     window.encoded = []  # the representations and their gradients are no longer needed
 

@@ -36,6 +36,9 @@ class SingleProcess:
     can_roll_back_oom = True  # a failed attempt's gradients are all in places the store sees
     can_encode = True  # window.encode(): the re-encoding pass can run without sync
     owns_gradients = False  # the gradient is in .grad, where the stores hold and scale it
+    # Several terms without counters: extra terms differentiated apart (autograd.grad), which
+    # needs the parameters' gradients to be whole tensors that no hook reduces behind our back.
+    can_store_terms = True
     # Where a mid-window state_dict cannot reach the partial gradients, the reason why.
     holds_window_grads: Optional[str] = None
 
@@ -93,8 +96,11 @@ class _Ranks(SingleProcess):
         on_device = isinstance(values, torch.Tensor)
         t = values if isinstance(values, torch.Tensor) else torch.tensor([float(v) for v in values], dtype=torch.float64)
         # gloo has no float64 reduction on CUDA tensors; NCCL has no CPU tensors.
-        if dist.get_backend() != "nccl" and t.device.type != "cpu":
+        nccl = dist.get_backend() == "nccl"
+        if not nccl and t.device.type != "cpu":
             t = t.cpu()
+        elif nccl and t.device.type == "cpu":
+            t = t.to(torch.device("cuda", torch.cuda.current_device()))
         t = t.clone()
         dist.all_reduce(t)
         return t if on_device else t.tolist()
@@ -132,6 +138,7 @@ class Collective(_Ranks):
     retrying."""
 
     can_roll_back_oom = False
+    can_store_terms = False
     # One key per torchrun attempt: a restarted run must not read the last attempt's news.
     KEY = f"gradaccum/out-of-memory/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     EXIT_CODE = 75  # EX_TEMPFAIL: restart (torchrun --max-restarts) with a smaller micro-batch

@@ -14,10 +14,9 @@ import torch
 from .. import _weights
 from ..nn import WindowBatchNorm
 from . import parallel as _parallel
-from .counts import HostCounts
 from .grads import Stores
 from .plan import Planner, agree
-from .terms import Terms
+from .rules import Coupled, Rule
 from .._state import AccumulatorState, StepReport
 
 
@@ -37,8 +36,8 @@ class Parts:
     device: torch.device
     parallel: _parallel.SingleProcess
     stores: Stores
-    counts: HostCounts
-    terms: Optional[Terms]
+    rule: Rule  # the normalisation rule of the accumulator's windows (see engine/rules)
+    coupled: Coupled  # ... and of a window of cached representations
     planner: Planner
     state: AccumulatorState
     scaler: Optional[torch.amp.GradScaler]
@@ -64,12 +63,10 @@ class Parts:
         return self._plan[i] if i < len(self._plan) else 0
 
     def window_counts(self, k: int) -> list[float]:
-        """This rank's micro-batches (up to ``k``) for the next window, then (with terms) each
-        term's items in them: one vector, summed over ranks at the step."""
+        """This rank's micro-batches (up to ``k``) for the next window, then what the rule
+        counts of them ahead: one vector, summed over ranks at the step."""
         counts = self.planner.local_count(k)
-        if self.terms is None:
-            return [counts]
-        return [counts] + self.terms.count(self.planner.held())
+        return [counts] + self.rule.count_ahead(self.planner.held())
 
     def agree(self, counts: list[float]) -> int:
         """The next window's micro-batch count, the same on every rank."""
@@ -93,9 +90,7 @@ class Parts:
         self.optimizer.zero_grad(set_to_none=True)
         self.stores.clear()
         self.state.close_window()
-        self.counts.reset()
-        if self.terms is not None:
-            self.terms.clear()
+        window.rule.clear()
         window.closed = True
         self.planner.target = 0
 
@@ -114,9 +109,8 @@ class WindowState:
         self.finished: Optional[StepReport] = None
         self.closed = False
         self.scaled = False
-        self.next_counts: list[float] = []
-        self.next_totals: list[float] = []
-        self.items_per_micro_batch: Optional[float] = None
+        self.rule: Rule = accumulator.rule  # a window of cached representations takes acc.coupled
+        self.read: dict[str, list[float]] = {}  # the step's numbers, as read (see packet.py)
         self.mode: Optional[str] = None  # "backward" or "encode", fixed by the first call
         self.yielded = 0
         self.encoded: list[Any] = []  # encoded.Entry, one per encoded micro-batch

@@ -47,11 +47,17 @@ def forward_backward_with_retry(acc: Parts, window: WindowState, batch: Any, los
 def _attempt(acc: Parts, window: WindowState, piece: Any, loss_fn: Callable, run: Callable) -> None:
     # Hold the gradients so far aside: the attempt writes fresh ones, which are kept only if
     # it finishes (an OOM in backward may have written some parameters already).
-    held = acc.stores.take()
+    rule = window.rule
+    held, held_by_rule = acc.stores.take(), rule.take()
     try:
         with acc.skip_sync():
             run(acc, window, piece, loss_fn)
     except BaseException:
         acc.stores.put_back(held)
+        rule.put_back(held_by_rule)
+        if window.rule is not rule:  # a rule that took the window over in this attempt starts afresh
+            acc.rule = window.rule = rule
         raise
     acc.stores.merge(held)
+    if window.rule is rule:
+        rule.merge(held_by_rule)

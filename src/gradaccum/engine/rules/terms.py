@@ -1,0 +1,237 @@
+"""Losses with several denominators, counted ahead: each term a mean over its own items.
+
+The window's loss is ``sum_t (sum_i n_ti * L_ti) / N_t``, each ``N_t`` summed over the whole
+window and every rank. One backward per micro-batch adds its terms' gradients together, and
+a sum cannot be reweighed per term afterwards, so unlike the one-term case (a boundary scale
+fixes the one denominator at the step) the weights ``n_ti / N_t`` must be right at the
+backward. The engine already holds a window's micro-batches before its first backward (to
+plan it), so it counts each term's items there with the user's counters and sums them
+across ranks inside the collective the step already makes (``ahead_fields``). Without
+counters, ``stored.py`` keeps one gradient per term instead (slower: one backward per term).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional
+
+import torch
+
+from ... import _weights
+from ..._text import short
+from .base import Rule, add_nothing, check_autocast, no_num_items, weighted_backward
+
+if TYPE_CHECKING:
+    from ..._state import AccumulatorState
+    from ..packet import Packet
+    from ..parts import Parts, WindowState
+
+Counter = Callable[[Any], Any]
+
+
+def check_counters(terms: Any) -> Any:
+    """Validate ``Accumulator(terms=...)``: a non-empty mapping of names to counters (callables),
+    or a list of names (no counters: one gradient store per term).
+
+    >>> list(check_counters({"lm": len}))
+    ['lm']
+    >>> check_counters(("lm", "cls"))
+    ['lm', 'cls']
+    """
+    if terms is None:
+        return None
+    if isinstance(terms, (list, tuple)) and terms and all(isinstance(t, str) for t in terms):
+        if len(set(terms)) != len(terms):
+            raise ValueError(f"terms names each term once; got {short(list(terms))}")
+        return list(terms)
+    if not isinstance(terms, Mapping) or not terms:
+        raise TypeError(
+            "terms must be a non-empty mapping of term names to counters, each a function micro-batch -> "
+            f"items that term averages over (e.g. {{'lm': count_tokens, 'cls': len}}), or a list of the term "
+            f"names (no counters: slower, one gradient store per term); got {short(terms)}")
+    bad = [name for name, fn in terms.items() if not isinstance(name, str) or not callable(fn)]
+    if bad:
+        raise TypeError(f"terms maps names (str) to counters (callables); these entries are not: {short(bad)}")
+    return dict(terms)
+
+
+def count(value: Any, name: str, what: str) -> float:
+    """A count as a float (>= 0); a tensor is read (counters run on the micro-batch as loaded)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        if value.is_meta:
+            raise ValueError(f"{what} for term {name!r} is a meta tensor, which holds no value: give a number "
+                             "or a tensor with data")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} for term {name!r} must be a finite number >= 0 (items that term averages over); "
+                         f"got {short(value)}")
+    return float(value)
+
+
+def pair(value: Any, name: str) -> tuple[torch.Tensor, Any]:
+    """A term's ``(mean, num_items)`` (or its mean alone: ``num_items`` None)."""
+    mean, n = (value if isinstance(value, (tuple, list)) and len(value) == 2 else (value, None))
+    if not isinstance(mean, torch.Tensor) or mean.numel() != 1 or not mean.requires_grad:
+        raise ValueError(
+            f"term {name!r}: give (mean, num_items) or the mean alone, where the mean is a scalar tensor that "
+            f"requires grad (that term's mean over this micro-batch's items); got {short(value)}")
+    return mean, n
+
+
+def host_count(n: Any, name: str) -> Any:
+    """``n`` as a host number where reading it costs nothing (a number, a CPU tensor); a device
+    tensor is kept unread (checked at the step)."""
+    if isinstance(n, torch.Tensor) and n.numel() == 1 and n.device.type != "cpu" and not n.is_meta:
+        return n
+    return count(n, name, "num_items")
+
+
+def term_means(names: list[str], totals: list[float], losses: list[float]) -> dict[str, float]:
+    """Each term's mean over the window (0 for a term with no items)."""
+    return {name: (losses[j] / totals[j] if totals[j] else 0.0) for j, name in enumerate(names)}
+
+
+class Terms(Rule):
+    """Several terms whose window totals are counted before the window's first backward."""
+
+    name = "terms counted ahead"
+
+    def __init__(self, counters: dict[str, Counter], device: torch.device):
+        self.names = list(counters)
+        self.counters = counters
+        self.device = device
+        t = len(self.names)
+        self.fields = (("term_items", t), ("term_loss", t), ("term_nan", t))
+        self.ahead_fields = (("term_next", t),)
+        self.totals = [0.0] * t
+        self.clear()
+
+    def clear(self) -> None:
+        # Per term: items given at the backward, loss sum sum_i n_i L_i, and zero counts whose
+        # mean was not finite (float64, on the device: no host sync per micro-batch).
+        self.sums_t = torch.zeros(3 * len(self.names), dtype=torch.float64, device=self.device)
+
+    def count_ahead(self, batches: Iterable[Any]) -> list[float]:
+        out = [0.0] * len(self.names)
+        for batch in batches:
+            for j, name in enumerate(self.names):
+                out[j] += count(self.counters[name](batch), name, "the counter's value")
+        return out
+
+    def open(self, totals: list[float]) -> None:
+        self.totals = list(totals)
+
+    def backward(self, acc: "Parts", window: "WindowState", loss: Any, num_items: Any, batch: Any) -> None:
+        mapping = self._mapping(loss, num_items)
+        st = acc.state
+        st.reference = 1.0  # the step's scale is the ranks' count alone: the weights are exact
+        combined, first = self.combine(mapping, batch)
+        if combined is None:  # no term has items here: its backward adds nothing, but still runs
+            add_nothing(acc, first)
+        else:
+            check_autocast(acc, 5)
+            weighted_backward(acc, combined, 1.0)
+        st.micro_batches += 1
+
+    def stand_in(self, acc: "Parts", window: "WindowState", loss: Any) -> None:
+        self._mapping(loss, None)
+        acc.state.reference = 1.0
+        super().stand_in(acc, window, loss)
+
+    def _mapping(self, loss: Any, num_items: Any) -> Mapping[str, Any]:
+        if not isinstance(loss, Mapping):
+            raise ValueError(
+                f"window.backward(loss) on an Accumulator built with terms={self.names}: give the mapping "
+                "{term: (mean, num_items)}, one entry per term this micro-batch has")
+        no_num_items(num_items)
+        return loss
+
+    def combine(self, mapping: Mapping[str, Any], batch: Any) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """``sum_t L_t * n_t / N_t`` of one micro-batch (None when no term has items in it),
+        and a mean to run a zero-weight backward through in that case."""
+        unknown = [k for k in mapping if k not in self.counters]
+        if unknown:
+            raise ValueError(f"window.backward() got terms {short(unknown)} that the Accumulator does not count; "
+                             f"its terms are {self.names} (Accumulator(terms=...))")
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        parts, given, losses, nans = [], [zero] * len(self.names), [zero] * len(self.names), [zero] * len(self.names)
+        first: Optional[torch.Tensor] = None
+        for j, name in enumerate(self.names):
+            if name not in mapping:  # absent from this micro-batch: n = 0
+                continue
+            mean, n = pair(mapping[name], name)
+            first = mean if first is None else first
+            n = host_count(self.counters[name](batch) if n is None else n, name)
+            if not isinstance(n, torch.Tensor):
+                if n == 0:  # no items: its mean may be 0/0, and it is never backpropagated
+                    continue
+                n64 = torch.full((), n, dtype=torch.float64, device=self.device)
+            else:
+                n64 = n.detach().reshape(()).to(device=self.device, dtype=torch.float64)
+                # A zero count read on the device cannot skip the backward; a 0/0 mean would
+                # make the window's gradient NaN, so the step names it instead.
+                nans[j] = (n64 == 0) & ~torch.isfinite(mean.detach().to(torch.float64).reshape(()).to(self.device))
+            given[j] = n64
+            losses[j] = mean.detach().reshape(()).to(torch.float64) * n64
+            total = self.totals[j]
+            # Compute in fp32 at least: a bf16 weight would round the term's share.
+            wide = mean.reshape(()).to(torch.promote_types(mean.dtype, torch.float32))
+            parts.append(wide * (_weights.share(n64, total) if total > 0 else n64 * 0).to(wide.dtype))
+        if first is None:
+            raise ValueError(f"window.backward() got no term; give at least one of {self.names}")
+        self.sums_t += torch.stack(given + losses + [x.to(torch.float64) for x in nans]).to(self.device)
+        return (sum(parts[1:], parts[0]) if parts else None), first
+
+    def sums(self, acc: "Parts") -> Any:
+        return self.sums_t.clone()
+
+    def scale(self, acc: "Parts", packet: "Packet") -> Any:
+        return float(acc.parallel.world)  # the terms' weights were exact at the backward
+
+    def check(self, read: dict[str, list[float]]) -> None:
+        given, nans = read["term_items"], read["term_nan"]
+        for j, name in enumerate(self.names):
+            if nans[j]:
+                raise ValueError(
+                    f"term {name!r}: a micro-batch gave it a count of 0 as a device tensor and a mean that is not "
+                    "finite (0/0). A count read on the host skips such a term; one on the device cannot, and the "
+                    "window's gradient would be NaN, so it is not applied. Give that count as a number, leave the "
+                    "term out of the mapping, or make its mean finite when empty (sum / count.clamp(min=1))")
+            if not abs(given[j] - self.totals[j]) <= 1e-6 * max(1.0, self.totals[j]):
+                raise ValueError(
+                    f"term {name!r}: the micro-batches' num_items add up to {given[j]:g} over the window, but its "
+                    f"counter counted {self.totals[j]:g} when the window opened. The weights came from the counter, "
+                    "so this window is not applied: make the counter count what the term averages over")
+
+    def report(self, acc: "Parts", read: dict[str, list[float]]) -> dict[str, Any]:
+        means = term_means(self.names, self.totals, read["term_loss"])
+        return {"loss": sum(means.values()), "num_items": None, "terms": means}
+
+    def close(self, acc: "Parts", read: dict[str, list[float]]) -> None:
+        self.clear()
+
+    def save(self, acc: "Parts", saved: "AccumulatorState") -> None:
+        if not acc.state.planned:
+            return
+        sums = self.sums_t.tolist()
+        t = len(self.names)
+        saved.terms = {name: [self.totals[j], sums[j], sums[t + j]] for j, name in enumerate(self.names)}
+
+    def check_load(self, acc: "Parts", new: "AccumulatorState") -> None:
+        if new.terms is None and new.micro_batches:
+            raise ValueError("the saved open window was accumulated without terms=..., and this Accumulator is built "
+                             "with them: build it as the checkpointed one was")
+        if new.terms is not None and sorted(new.terms) != sorted(self.names):
+            raise ValueError(f"the saved open window has terms {sorted(new.terms)} but this Accumulator counts "
+                             f"{sorted(self.names)}: build it with the checkpointed run's terms")
+
+    def load(self, acc: "Parts", new: "AccumulatorState") -> None:
+        saved = new.terms
+        if not saved:
+            self.clear()
+            return
+        self.totals = [float(saved[name][0]) for name in self.names]
+        t = len(self.names)
+        self.sums_t = torch.tensor([saved[n][1] for n in self.names] + [saved[n][2] for n in self.names] + [0.0] * t,
+                                   dtype=torch.float64, device=self.device)

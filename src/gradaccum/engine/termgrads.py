@@ -1,0 +1,120 @@
+"""One gradient store per term, for loops that cannot count a window's terms before its first
+backward (the engine without ``terms=``, Accelerate, Lightning).
+
+A term's denominator N_t is known only when the window closes, and one backward adds all
+terms together, after which no sum can be reweighed per term. So each term but one (the
+*primary*, which goes through the loop's own backward into ``.grad`` with the one-term
+rule's provisional weight) is differentiated on its own with ``torch.autograd.grad``:
+nothing lands in ``.grad`` and no data-parallel hook fires, so the loop's gradient sync is
+untouched. Term t's store holds this rank's ``sum_i g_ti n_ti / r_t`` (``r_t``: the term's
+first count in the window on this rank, which keeps the numbers near 1 under a loss
+scale). At the close the caller hands :meth:`TermGrads.combine` each term's ``1 / N_t``
+(all ranks) and a sum over ranks; ``.grad`` gains ``sum_t store_t r_t / N_t``.
+
+Cost (``benchmarks/terms.py``): one more backward per extra term in each micro-batch and one
+gradient per extra term held; one flat all-reduce of the stores per window.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+class TermGrads:
+    """The extra terms' gradients of one window on this rank.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> tg = TermGrads([w])
+        >>> tg.add("aux", (w * 3).sum(), 2.0, retain_graph=False)
+        >>> tg.combine({"aux": 0.5})  # N_aux = 2: the term's mean gradient lands in .grad
+        >>> w.grad.tolist()
+        [3.0, 3.0]
+    """
+
+    def __init__(self, params: list[torch.Tensor], accum_dtype: Optional[torch.dtype] = None):
+        self.params = [p for p in params if p.requires_grad]
+        self.accum_dtype = accum_dtype
+        self.stores: dict[str, list[Optional[torch.Tensor]]] = {}
+        self.refs: dict[str, Any] = {}
+
+    def add(self, name: str, mean: torch.Tensor, n: Any, retain_graph: bool,
+            scale: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+        """Add the gradient of ``mean * n / r_name`` to ``name``'s store (``scale``: a loss
+        scaler's ``scale``, so that the store is scaled like ``.grad``)."""
+        ref = self.refs.setdefault(name, n)
+        out = mean.reshape(()) * (n / ref)
+        if scale is not None:
+            out = scale(out)
+        grads = torch.autograd.grad(out, self.params, retain_graph=retain_graph, allow_unused=True)
+        store = self.stores.setdefault(name, [None] * len(self.params))
+        for j, g in enumerate(grads):
+            if g is None:
+                continue
+            if self.accum_dtype is not None and g.dtype != self.accum_dtype and g.is_floating_point():
+                g = g.to(self.accum_dtype)
+            held = store[j]
+            store[j] = g if held is None else held.add_(g)
+
+    def combine(self, inverse_totals: dict[str, Any], reduce: Optional[Reduce] = None) -> None:
+        """``.grad += sum_t store_t * r_t * inverse_totals[t]``, summed over ranks by ``reduce``
+        (every rank must call it, with the same names); the stores are then empty."""
+        params = self.params
+        total: list[Optional[torch.Tensor]] = [None] * len(params)
+        for name, store in self.stores.items():
+            factor = self.refs[name] * inverse_totals[name]
+            for j, g in enumerate(store):
+                if g is not None:
+                    part = g.mul_(factor.to(g) if isinstance(factor, torch.Tensor) else factor)
+                    held = total[j]
+                    total[j] = part if held is None else held.add_(part)
+        if reduce is not None:
+            # Every rank reduces every parameter, in one flat tensor per dtype.
+            filled: list[torch.Tensor] = [t if t is not None else torch.zeros_like(p, dtype=self.accum_dtype or p.dtype)
+                                          for t, p in zip(total, params)]
+            groups: dict[tuple, list[int]] = {}
+            for j, t in enumerate(filled):
+                groups.setdefault((t.device, t.dtype), []).append(j)
+            for index in groups.values():
+                flat = torch.cat([filled[j].reshape(-1) for j in index])
+                summed = reduce(flat).to(flat)
+                at = 0
+                for j in index:
+                    size = filled[j].numel()
+                    filled[j] = summed[at:at + size].view_as(filled[j])
+                    at += size
+            total = list[Optional[torch.Tensor]](filled)
+        with torch.no_grad():
+            for p, extra in zip(params, total):
+                if extra is not None:
+                    grad = p.grad
+                    p.grad = extra.to(p.dtype) if grad is None else grad.add_(extra.to(grad.dtype))
+        self.clear()
+
+    def clear(self) -> None:
+        self.stores, self.refs = {}, {}
+
+    def take(self) -> tuple[dict, dict]:
+        """Set the stores aside before a retried attempt (see ``engine/retry.py``)."""
+        held = (self.stores, self.refs)
+        self.stores, self.refs = {}, dict(self.refs)
+        return held
+
+    def put_back(self, held: tuple[dict, dict]) -> None:
+        self.stores, self.refs = held
+
+    def merge(self, held: tuple[dict, dict]) -> None:
+        """The attempt succeeded: its gradients join the ones set aside."""
+        stores, refs = held
+        for name, store in self.stores.items():
+            old = stores.setdefault(name, [None] * len(self.params))
+            for j, g in enumerate(store):
+                if g is not None:
+                    prior = old[j]
+                    old[j] = g if prior is None else prior.add_(g)
+        refs.update({k: v for k, v in self.refs.items() if k not in refs})
+        self.stores, self.refs = stores, refs
