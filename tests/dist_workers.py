@@ -211,7 +211,55 @@ def accelerate_exact(rank, world):
     return {"seen": opt.optimizer.seen, "buckets_per_step": buckets}
 
 
+def accelerate_terms(rank, world, max_grad_norm=None):
+    """ExactAccelerator with a two-term loss (terms named, the first backpropagated by the loop),
+    k=3, ranks' micro-batches differ; records the gradient at each step."""
+    import accelerate
+
+    import matrix_cells as mc
+    import terms_cells as tc
+    from gradaccum.accelerate import ExactAccelerator
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT="29598")
+    model = tc.model()
+    accelerator = ExactAccelerator(gradient_accumulation_steps=3, cpu=True, terms=["lm", "seq"])
+    opt = RecordingSGD(model.parameters(), lr=0.0)
+    model, opt = accelerator.prepare(model, opt)
+    terms = []
+    for batch in mc.rank_data("counts", rank, world):
+        with accelerator.accumulate(model):
+            accelerator.backward(mc.term_losses(model, batch))
+            if max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            opt.step()
+            opt.zero_grad()
+            if accelerator.sync_gradients:
+                terms.append(accelerator.last_window_terms)
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    return {"seen": [[g.float() for g in s] for s in opt.optimizer.seen], "terms": terms}
+
+
 LIGHTNING_SIZES = [[3, 5, 2, 4, 6, 1], [2, 4, 4, 1, 3, 5]]
+
+
+def lightning_terms(rank, world):
+    """Lightning DDP with a two-term loss (terms named), k=3, ranks' micro-batches differ."""
+    import lightning.pytorch as pl
+
+    import matrix_cells as mc
+    import terms_cells as tc
+    from gradaccum.lightning import ExactAccumulation
+    from test_lightning import TermsModule
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), NODE_RANK="0",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29597")
+    module = TermsModule(tc.model())
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp", max_epochs=1, accumulate_grad_batches=3,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[ExactAccumulation(terms=["lm", "seq"])],
+                         use_distributed_sampler=False)
+    trainer.fit(module, torch.utils.data.DataLoader(mc.rank_data("counts", rank, world), batch_size=None))
+    return {"seen": [[g.float() for g in s] for s in module.opt.seen]}
 
 
 def lightning_exact(rank, world):

@@ -85,6 +85,61 @@ def test_ddp_two_ranks_one_gradient_all_reduce_per_step(tmp_path):
         assert r["buckets_per_step"] == [1] * len(r["seen"])  # DDP's one all-reduce (one bucket) per step
 
 
+def _clipped(want, max_norm):
+    if not max_norm:
+        return want
+    norm = sum(float(x.pow(2).sum()) for x in want) ** 0.5
+    return [x * min(1.0, max_norm / (norm + 1e-6)) for x in want]
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_several_terms_equal_the_big_batch(max_grad_norm):
+    # A token mean plus a mean over long sequences (absent from some micro-batches, the first
+    # among them), k=4 over 10 micro-batches: windows of 4, 4 and a partial 2.
+    import matrix_cells as mc
+    import terms_cells as tc
+
+    data = mc.rank_data("counts", 1, 2) + mc.rank_data("counts", 0, 1)[:4]
+    net = tc.model()
+    model = copy.deepcopy(net)
+    accelerator = ExactAccelerator(gradient_accumulation_steps=4, cpu=True)
+    opt = Grabbing(model.parameters())
+    model, opt, loader = accelerator.prepare(model, opt, torch.utils.data.DataLoader(data, batch_size=None))
+    terms = []
+    for batch in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(mc.term_losses(model, batch))
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm else None
+            opt.step()
+            opt.zero_grad()
+            if accelerator.sync_gradients:
+                terms.append(accelerator.last_window_terms)
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    seen = opt.optimizer.seen
+    assert len(seen) == 3
+    for w, got in enumerate(seen):
+        want, values = tc.reference(net, data[4 * w: 4 * w + 4])
+        assert rel_error(got, _clipped(want, max_grad_norm)) < 1e-5, w
+        assert terms[w] == pytest.approx(values, rel=1e-5)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_several_terms_on_two_ddp_ranks(tmp_path, max_grad_norm):
+    import dist_workers
+    import matrix_cells as mc
+    import terms_cells as tc
+
+    results = dist_workers.spawn(dist_workers.accelerate_terms, 2, tmp_path, max_grad_norm)
+    assert all(r.get("error") is None for r in results), results
+    data = [mc.rank_data("counts", r, 2) for r in range(2)]
+    net = tc.model()
+    for w in range(2):
+        want, values = tc.reference(net, data[0][3 * w: 3 * w + 3] + data[1][3 * w: 3 * w + 3])
+        for r in results:
+            assert rel_error(r["seen"][w], _clipped(want, max_grad_norm)) < 1e-5
+            assert r["terms"][w] == pytest.approx(values, rel=1e-5)
+
+
 def test_the_docs_loop_runs_as_written(tmp_path):
     import pathlib
     import re

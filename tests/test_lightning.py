@@ -80,6 +80,37 @@ def test_exact_accumulation_equals_the_big_batch_and_stock_does_not(clip):
     assert float(trainer.callback_metrics["train_loss"]) == pytest.approx(total / items, rel=1e-5)
 
 
+class TermsModule(Module):
+    """training_step returns {"loss": {term: (mean, n)}}: a token mean and a sequence mean."""
+
+    def training_step(self, batch, batch_idx):
+        import matrix_cells as mc
+
+        return {"loss": mc.term_losses(self.net, batch)}
+
+
+def test_several_terms_equal_the_big_batch():
+    # The sequence term is absent from some micro-batches (the first among them); k=4 over 10:
+    # windows of 4, 4 and a partial 2; clipped at 0.05.
+    import matrix_cells as mc
+    import terms_cells as tc
+
+    data = mc.rank_data("counts", 1, 2) + mc.rank_data("counts", 0, 1)[:4]
+    net = tc.model()
+    module = TermsModule(copy.deepcopy(net))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, accumulate_grad_batches=4, gradient_clip_val=0.05,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[ExactAccumulation()])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    assert len(module.opt.seen) == 3
+    for w, got in enumerate(module.opt.seen):
+        want, values = tc.reference(net, data[4 * w: 4 * w + 4])
+        norm = sum(float(x.pow(2).sum()) for x in want) ** 0.5
+        assert rel_error(got, [x * min(1.0, 0.05 / (norm + 1e-6)) for x in want]) < 1e-5, w
+    assert float(trainer.callback_metrics["train_loss/seq"]) == pytest.approx(values["seq"], rel=1e-5)
+    assert float(trainer.callback_metrics["train_loss"]) == pytest.approx(sum(values.values()), rel=1e-5)
+
+
 def test_refusals_are_clear():
     from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
@@ -112,6 +143,21 @@ def test_checkpoint_and_resume(tmp_path):
     trainer(2, enable_checkpointing=False).fit(resumed, loader, ckpt_path=t.checkpoint_callback.best_model_path)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_several_terms_on_two_ddp_ranks(tmp_path):
+    import dist_workers
+    import matrix_cells as mc
+    import terms_cells as tc
+
+    results = dist_workers.spawn(dist_workers.lightning_terms, 2, tmp_path)
+    assert all(r.get("error") is None for r in results), results
+    data = [mc.rank_data("counts", r, 2) for r in range(2)]
+    net = tc.model()
+    for w in range(2):
+        want, _ = tc.reference(net, data[0][3 * w: 3 * w + 3] + data[1][3 * w: 3 * w + 3])
+        for r in results:
+            assert rel_error(r["seen"][w], want) < 1e-5
 
 
 def test_ddp_two_ranks(tmp_path):

@@ -356,3 +356,59 @@ def test_early_stopping_and_a_resumed_run_match_the_big_batch(tmp_path):
                       train_dataset=data, data_collator=collate)
     resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
     assert max_diff(resumed.model, straight.model) < 1e-6
+
+
+def _two_terms(model, inputs):
+    """A token mean plus 0.3 x the mean over long sequences of their token means (absent where
+    a micro-batch has no long sequence)."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+    labels = inputs["labels"][:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, VOCAB).float(), labels.reshape(-1), reduction="none").reshape(labels.shape)
+    valid = (labels != -100).float()
+    ce = ce * valid
+    terms = {"lm": (ce.sum() / valid.sum(), valid.sum())}
+    long = valid.sum(1) >= 12
+    if bool(long.any()):
+        terms["long"] = (0.3 * (ce.sum(1) / valid.sum(1).clamp(min=1))[long].mean(), int(long.sum()))
+    return terms
+
+
+_COUNTERS = {"lm": lambda b: int((b["labels"][:, 1:] != -100).sum()),
+             "long": lambda b: int(((b["labels"][:, 1:] != -100).sum(1) >= 12).sum())}
+
+
+class _TermsExact(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, terms=_COUNTERS, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return _two_terms(model, inputs)  # a mapping: the mixin weighs each term by its own share
+
+
+class _TermsBig(transformers.Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return sum(v[0] for v in _two_terms(model, inputs).values())
+
+
+class _TermsOneWeight(Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return sum(v[0] for v in _two_terms(model, inputs).values())
+
+
+def test_a_compute_loss_returning_terms_equals_the_big_batch(tmp_path):
+    data, collate = variable_length_rows(30, causal=True), pad_collator(causal=True)
+    start = gpt2_lm()
+    big = train(_TermsBig, gpt2_lm(), data, collate, tmp_path, batch=12, k=1)
+    exact = train(_TermsExact, gpt2_lm(), data, collate, tmp_path, batch=4, k=3)
+    one = train(_TermsOneWeight, gpt2_lm(), data, collate, tmp_path, batch=4, k=3)
+    step = moved(big, start)
+    assert step > 1e-3
+    assert max_diff(exact, big) < 1e-5 * step / 1e-3, max_diff(exact, big)
+    assert max_diff(one, big) > 0.02 * step, max_diff(one, big)  # one weight per micro-batch is off
+    with pytest.raises(ValueError, match=r"terms=\{name: counter\}"):
+        class NoCounters(Trainer):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                return _two_terms(model, inputs)
+        train(NoCounters, gpt2_lm(), data, collate, tmp_path, batch=4, k=3)

@@ -288,3 +288,24 @@ def test_public_names_have_examples_that_run():
         assert ">>>" in (getattr(gm, name).__doc__ or ""), name
     for module in (gm, gm._cell, gm._eager):
         assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, module.__name__
+
+
+def test_the_cell_applies_the_shared_weights_and_scale():
+    # gradaccum._weights holds the arithmetic once; the compiled cell restates it in MindSpore
+    # ops. Arbitrary gradients and counts: the update is sum_i w_i g_i * scale with w_i, scale
+    # from the shared functions (reference 1, one planned micro-batch: weights n_i, scale 1/N).
+    from mindspore import Parameter, Tensor, nn
+
+    from gradaccum import _weights
+    from gradaccum.mindspore import AccumulatorCell
+
+    rng = np.random.default_rng(3)
+    p0 = rng.normal(size=5)
+    p = Parameter(Tensor(p0, ms.float32), name="p")
+    cell = AccumulatorCell(nn.SGD([p], learning_rate=1.0), steps=3)
+    grads, counts = [rng.normal(size=5) for _ in range(3)], [7, 2, 12]
+    for g, n in zip(grads, counts):
+        cell((Tensor(g, ms.float32),), Tensor(float(n), ms.float32))
+    scale = _weights.boundary_scale(sum(counts), reference=1.0, planned=1)
+    want = p0 - sum(_weights.provisional_weight(n, 1.0, 1) * g for g, n in zip(grads, counts)) * scale
+    assert np.allclose(p.asnumpy(), want, rtol=1e-5, atol=1e-6)

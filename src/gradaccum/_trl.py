@@ -24,6 +24,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from ._weights import share
+
 # What each loss type's policy term averages over in the big batch.
 _ROWS, _TOKENS, _PADDED = "completions", "tokens", "completions x max_completion_length"
 POLICY_ITEMS = {"grpo": _ROWS, "sapo": _ROWS, "luspo": _ROWS, "bnpo": _TOKENS, "dapo": _TOKENS,
@@ -64,11 +66,11 @@ def check(trainer: Any) -> None:
             f"{args.gradient_accumulation_steps}: a window's completions must all exist before its first backward "
             "for its loss to be normalized over them. Make steps_per_generation a multiple of it (its default "
             "equals it)")
-    if trainer._entropy_bonus_enabled and trainer.top_entropy_quantile < 1.0:
+    if trainer.top_entropy_quantile < 1.0:
         raise ValueError(
-            "the entropy bonus with top_entropy_quantile < 1: the tokens it averages over are chosen by each "
-            "micro-batch's own entropy quantile during the forward, so the window's count cannot be known "
-            "before its first backward. Use top_entropy_quantile=1.0, or entropy_coef=0")
+            f"top_entropy_quantile={trainer.top_entropy_quantile}: the tokens that the policy loss (and the entropy "
+            "bonus) average over are chosen by each micro-batch's own entropy quantile during its forward, so the "
+            "window's count cannot be known before its first backward. Use top_entropy_quantile=1.0")
 
 
 def _mask(inputs: dict[str, Any]) -> torch.Tensor:
@@ -129,8 +131,8 @@ def exact_loss(trainer: Any, inputs: dict[str, Any], totals: torch.Tensor, compu
         divisor = inputs["num_items_in_batch"].to(torch.float64).clamp(min=1.0) / world * k / args.steps_per_generation
         total = window_tokens
     # DDP averages the ranks' gradients: each rank's share of the global sum, times the ranks.
-    policy = divisor * world / total
-    entropy = tokens.clamp(min=1.0) * k * world / window_tokens
+    policy = share(divisor, total, world)
+    entropy = share(tokens.clamp(min=1.0) * k, window_tokens, world)
     out = loss * policy.to(loss.dtype)
     if coef:
         e = mask.to(entropies.dtype)

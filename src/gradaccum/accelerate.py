@@ -24,11 +24,14 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import accelerate
 import torch
 from accelerate.utils import DistributedType
+
+from ._weights import Tally
+from .engine.termgrads import TermWindow
 
 __all__ = ["ExactAccelerator"]
 
@@ -51,44 +54,51 @@ class ExactAccelerator(accelerate.Accelerator):
         >>> accelerator.backward(out.loss, num_items=n_tokens)  # doctest: +SKIP
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, terms: Optional[list[str]] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._items = 0.0  # this rank's items in the open window
-        self._micro_batches = 0
-        # Provisional weights are n / reference; the reference must be the same on every
-        # rank, since DDP averages before the window's total is known: the last window's
-        # global items per micro-batch (1 before the first window closes).
-        self._reference = 1.0
-        self._weighted: Optional[bool] = None
+        # The window's counts and weights (gradaccum._weights): the same arithmetic as every
+        # other loop's. Saved and restored with save_state()/load_state().
+        self.tally = Tally()
+        self.register_for_checkpointing(self.tally)
+        self._term_names = list(terms) if terms is not None else None
+        self._terms: Optional[TermWindow] = None
         self.last_window_items: Optional[float] = None
+        self.last_window_terms: Optional[dict[str, float]] = None
         self._params: Optional[tuple[int, list]] = None  # the parameters to rescale, found once
         self._ds: Any = None  # the engine's DeepSpeed adapter, made at the first backward under DeepSpeed
+        self._term_counts: list[float] = []
 
-    def backward(self, loss: torch.Tensor, num_items: Any = None, **kwargs: Any) -> None:
+    def backward(self, loss: Any, num_items: Any = None, **kwargs: Any) -> None:
         """Backpropagate the micro-batch's mean ``loss`` weighted by its ``num_items``; on the
         window's last micro-batch, leave the window's mean gradient in ``.grad``.
 
+        ``loss`` may be a mapping ``{term: (mean, num_items)}`` for a loss with several
+        denominators (each term a mean over its own items): the first term goes through
+        this backward, each other one into a gradient store of its own (one more backward
+        per term), and the window's gradient is ``sum_t`` of each term's mean gradient.
+
         Example:
             >>> accelerator.backward(loss, num_items=len(labels))  # doctest: +SKIP
+            >>> accelerator.backward({"lm": (lm_mean, n_tokens), "cls": (cls_mean, n_rows)})  # doctest: +SKIP
         """
         if self.distributed_type == DistributedType.MEGATRON_LM:
             raise NotImplementedError(
                 "ExactAccelerator under Megatron-LM: that engine scales the loss by the accumulation steps "
                 "itself; use DDP, FSDP or DeepSpeed through Accelerate, or gradaccum.Accumulator"
             )
-        weighted = num_items is not None
-        if self._weighted is not None and weighted != self._weighted:
-            raise ValueError("num_items was given for some micro-batches of this window and not for others: give it always or never")
-        self._weighted = weighted
-        n = float(num_items.item() if isinstance(num_items, torch.Tensor) else num_items) if weighted else 1.0
-        if not math.isfinite(n) or n <= 0:
-            raise ValueError(f"num_items must be a positive number of items the loss averages over; got {num_items!r}")
-        self._items += n
-        self._micro_batches += 1
+        weight: float = 0.0
+        if isinstance(loss, Mapping):
+            if num_items is not None:
+                raise ValueError("num_items with a mapping of terms: give each term's count inside it, {name: (mean, n)}")
+            loss, num_items = self._term_window().split(loss, self.scaler.scale if self.scaler is not None else None)
+            if num_items is not None:
+                weight = self.tally.add(num_items)
+        else:
+            weight = self.tally.add(num_items)
         if self.distributed_type == DistributedType.DEEPSPEED:
-            self._deepspeed_backward(loss, n / self._reference)
+            self._deepspeed_backward(loss, weight)
             return
-        scaled = loss * (n / self._reference)
+        scaled = loss * weight
         if self.scaler is not None:
             self.scaler.scale(scaled).backward(**kwargs)
         else:
@@ -96,11 +106,22 @@ class ExactAccelerator(accelerate.Accelerator):
         if self.sync_gradients:
             self._close_window()
 
+    def _term_window(self) -> TermWindow:
+        if self._terms is None:
+            if self.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+                raise ValueError(
+                    f"a mapping of terms under Accelerate's {self.distributed_type.value}, which reduces or shards the "
+                    "gradient inside every backward, so no term can be held apart. Use DDP (or one process), or "
+                    "gradaccum.Accumulator(terms={name: counter}), which counts terms ahead under FSDP2 and DeepSpeed")
+            params = [p for model in self._models for p in model.parameters()]
+            self._terms = TermWindow(params, self._term_names, self._world(), "ExactAccelerator.backward")
+        return self._terms
+
     def _deepspeed_backward(self, loss: torch.Tensor, weight: float) -> None:
         """One micro-batch through the engine's DeepSpeed adapter; at the close, the window's
         scale and then ``engine.step()`` (which clips and updates), as Accelerate's wrapper would."""
         adapter = self._deepspeed_adapter()
-        if self._micro_batches == 1:
+        if self.tally.micro_batches == 1:
             adapter.begin_window()  # ZeRO-2: one reduction for the window, at its close
         adapter.engine.set_gradient_accumulation_boundary(self.sync_gradients)
         adapter.backward(loss, weight)
@@ -139,26 +160,39 @@ class ExactAccelerator(accelerate.Accelerator):
                 )
         return super().clip_grad_norm_(parameters, max_norm, norm_type)
 
-    def _window_factor(self) -> float:
-        """What the held gradient is multiplied by to be the window's mean; closes the window."""
+    @staticmethod
+    def _world() -> int:
         # The process group's size: under DeepSpeed on CPUs Accelerate reports one process.
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+    def _window_factor(self) -> float:
+        """What the held gradient is multiplied by to be the window's mean; closes the window
+        (one small all-reduce of the window's counts, the terms' with them). With terms, their
+        stores are added by :meth:`_add_terms` once ``.grad`` is scaled."""
+        world = self._world()
+        local = self.tally.local() + (self._terms.local() if self._terms is not None else [])
         if world > 1:
-            counts = torch.tensor([self._items, float(self._micro_batches)], dtype=torch.float64, device=self.device)
+            counts = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).to(self.device) for v in local])
             # torch.distributed itself: Accelerate's reduce() returns the tensor unsummed under DeepSpeed.
             torch.distributed.all_reduce(counts)
-            items, micro_batches = counts.tolist()
-        else:  # nothing to sum with: no tensor, no copy
-            items, micro_batches = self._items, float(self._micro_batches)
-        # Held: sum over ranks and micro-batches of n_i g_i / reference, averaged over ranks by DDP.
-        factor = self._reference * world / items
-        self.last_window_items = items
-        self._reference = items / micro_batches
-        self._items, self._micro_batches, self._weighted = 0.0, 0, None
-        return factor
+            summed = counts.tolist()
+        else:  # nothing to sum with
+            summed = [float(v) for v in local]
+        self._term_counts = summed[3:]
+        if not summed[0]:  # no micro-batch had the primary term: .grad holds zeros only
+            self.tally.items, self.tally.micro_batches, self.tally.loss_sum, self.tally.weighted = 0.0, 0, 0.0, None
+            self.last_window_items = 0.0
+            return 0.0
+        closed = self.tally.close(summed[:3], world)
+        self.last_window_items = closed.items
+        return closed.factor
 
     def _close_window(self) -> None:
-        factor = self._window_factor()
+        self._scale_params(self._window_factor())
+        if self._terms is not None:  # each other term's store, at its exact 1 / N_t
+            self.last_window_terms = self._terms.close(self._term_counts, _sum_over_ranks if self._world() > 1 else None)
+
+    def _scale_params(self, factor: float) -> None:
         prepared = len(self._optimizers) + len(self._models)
         if self._params is None or self._params[0] != prepared:  # found again only after another prepare()
             params = {id(p): p for opt in self._optimizers for group in opt.param_groups for p in group["params"]}
@@ -168,3 +202,8 @@ class ExactAccelerator(accelerate.Accelerator):
             grads = [p.grad for p in self._params[1] if p.grad is not None]
             if grads and factor != 1.0:
                 torch._foreach_mul_(grads, factor)
+
+
+def _sum_over_ranks(flat: torch.Tensor) -> torch.Tensor:
+    torch.distributed.all_reduce(flat)
+    return flat

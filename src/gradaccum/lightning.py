@@ -23,12 +23,13 @@ Example:
 
 from __future__ import annotations
 
-import math
-import typing
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
+
+from ._weights import Tally
+from .engine.termgrads import TermWindow
 
 __all__ = ["ExactAccumulation"]
 
@@ -53,13 +54,13 @@ class ExactAccumulation(pl.Callback):
         ...                   callbacks=[ExactAccumulation()])
     """
 
-    def __init__(self) -> None:
-        self._reference = 1.0  # the same on every rank (see the module docstring)
-        self._items = 0.0
-        self._loss_sum: Any = 0.0  # a tensor once a loss is seen
-        self._micro_batches = 0
-        self._n: Optional[float] = None
-        self._weighted: Optional[bool] = None
+    def __init__(self, terms: Optional[list[str]] = None) -> None:
+        # The window's counts and weights (gradaccum._weights): the same arithmetic as every
+        # other loop's; saved in Lightning's checkpoints with the callback's state.
+        self.tally = Tally()
+        self._term_names = list(terms) if terms is not None else None
+        self._terms: Optional[TermWindow] = None
+        self._weight: Optional[float] = None
         self._deepspeed: Any = None  # the engine's DeepSpeed adapter, under DeepSpeedStrategy
 
     # -- checks ---------------------------------------------------------------------
@@ -88,7 +89,7 @@ class ExactAccumulation(pl.Callback):
         if not getattr(step, "_gradaccum_wrapped", False):
             def training_step(*args: Any, **kwargs: Any) -> Any:
                 out = step(*args, **kwargs)
-                module._gradaccum_callback._take(out)
+                module._gradaccum_callback._take(module.trainer, out)
                 return out
 
             training_step._gradaccum_wrapped = True  # type: ignore[attr-defined]
@@ -106,34 +107,48 @@ class ExactAccumulation(pl.Callback):
 
     # -- each micro-batch --------------------------------------------------------------
 
-    def _take(self, out: Any) -> None:
-        n = out.get("num_items") if isinstance(out, dict) else None
-        weighted = n is not None
-        if self._weighted is not None and weighted != self._weighted:
-            raise ValueError("num_items was returned for some micro-batches of a window and not for others: return it always or never")
-        self._weighted = weighted
-        n = float(n.item() if isinstance(n, torch.Tensor) else typing.cast(float, n)) if weighted else 1.0
-        if not math.isfinite(n) or n <= 0:
-            raise ValueError(f"num_items must be a positive number of items the loss averages over; got {n!r}")
+    def _take(self, trainer: "pl.Trainer", out: Any) -> None:
         loss = out.get("loss") if isinstance(out, dict) else out
-        self._n = n
-        if isinstance(loss, torch.Tensor):
-            # Kept a tensor: reading it here would wait for the device at every micro-batch.
-            self._loss_sum = self._loss_sum + loss.detach().double() * n
+        if isinstance(loss, Mapping):  # several terms: the first goes to Lightning's backward
+            if out.get("num_items") is not None:
+                raise ValueError("num_items beside a mapping of terms: give each term's count inside it, {name: (mean, n)}")
+            mean, n = self._term_window(trainer).split(loss)
+            out["loss"] = mean
+            self._weight = self.tally.add(n, mean.detach().double()) if n is not None else 0.0
+            return
+        n = out.get("num_items") if isinstance(out, dict) else None
+        # The loss sum is kept a tensor: reading it here would wait for the device at every micro-batch.
+        self._weight = self.tally.add(n, loss.detach().double() if isinstance(loss, torch.Tensor) else None)
+
+    def _term_window(self, trainer: "pl.Trainer") -> TermWindow:
+        if self._terms is None:
+            from lightning.pytorch import strategies
+
+            if not isinstance(trainer.strategy, (strategies.SingleDeviceStrategy, strategies.DDPStrategy)) or \
+                    isinstance(trainer.strategy, (strategies.FSDPStrategy, strategies.DeepSpeedStrategy)):
+                raise ValueError(
+                    f"a mapping of terms under {type(trainer.strategy).__name__}, which reduces or shards the gradient "
+                    "inside every backward, so no term can be held apart. Use one device or DDP, or "
+                    "gradaccum.Accumulator(terms={name: counter}) in a manual-optimization training_step")
+            if getattr(trainer.precision_plugin, "scaler", None) is not None:
+                raise ValueError(
+                    "a mapping of terms with a loss scaler (precision='16-mixed'): Lightning unscales the gradient "
+                    "before the callback can add the other terms. Use precision='bf16-mixed' or 32")
+            params = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
+            self._terms = TermWindow(params, self._term_names, trainer.world_size, "ExactAccumulation")
+        return self._terms
 
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
-        if self._n is None:
+        if self._weight is None:
             raise RuntimeError("ExactAccumulation saw a backward without a training_step output: is training_step overridden after setup?")
         # Lightning hands backward the loss divided by k (DeepSpeed's backward divides by its
-        # accumulation steps again); the hook makes the seed n / r instead.
-        factor = trainer.accumulate_grad_batches * self._n / self._reference
+        # accumulation steps again); the hook makes the seed the tally's weight instead.
+        factor = trainer.accumulate_grad_batches * self._weight
         if self._deepspeed is not None:
             factor *= self._deepspeed.engine.gradient_accumulation_steps()
         if loss.requires_grad and factor != 1.0:
             loss.register_hook(lambda g: g * factor)
-        self._items += self._n
-        self._micro_batches += 1
-        self._n = None
+        self._weight = None
 
     # -- the window's end ----------------------------------------------------------------
 
@@ -141,13 +156,18 @@ class ExactAccumulation(pl.Callback):
         ds = self._deepspeed
         if ds is not None and not ds.engine.is_gradient_accumulation_boundary():
             return  # DeepSpeed's step is called every micro-batch and updates only at its boundary
-        loss_sum = torch.as_tensor(self._loss_sum, dtype=torch.float64, device=pl_module.device).reshape(1)
-        counts = torch.cat([torch.tensor([self._items, float(self._micro_batches)], dtype=torch.float64,
-                                         device=pl_module.device), loss_sum])
-        if trainer.world_size > 1:
+        terms = self._terms
+        local = self.tally.local() + (terms.local() if terms is not None else [])
+        counts = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).to(pl_module.device) for v in local])
+        if trainer.world_size > 1:  # the strategy's own collective: one small all-reduce
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        items, micro_batches, loss_sum = counts.tolist()
-        factor = self._reference * trainer.world_size / items
+        summed = counts.tolist()
+        factor, loss = 0.0, 0.0
+        if summed[0]:  # else no micro-batch had the primary term: .grad holds zeros only
+            closed = self.tally.close(summed[:3], trainer.world_size)
+            factor, loss = closed.factor, closed.loss
+        else:
+            self.tally.items, self.tally.micro_batches, self.tally.loss_sum, self.tally.weighted = 0.0, 0, 0.0, None
         if ds is not None:
             ds.scale_window(factor)  # ZeRO: through the loss scale its step divides by
         else:
@@ -155,9 +175,13 @@ class ExactAccumulation(pl.Callback):
                 grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
                 if grads and factor != 1.0:
                     torch._foreach_mul_(grads, factor)
-        pl_module.log("train_loss", loss_sum / items, on_step=True, on_epoch=False, prog_bar=True, sync_dist=False)
-        self._reference = items / micro_batches
-        self._items, self._loss_sum, self._micro_batches, self._weighted = 0.0, 0.0, 0, None
+        if terms is not None:  # each other term's store, at its exact 1 / N_t
+            reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
+            means = terms.close(summed[3:], reduce)
+            loss = sum(means.values())
+            for name, value in means.items():
+                pl_module.log(f"train_loss/{name}", value, on_step=True, on_epoch=False, sync_dist=False)
+        pl_module.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=False)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -167,10 +191,10 @@ class ExactAccumulation(pl.Callback):
     # -- checkpoints -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reference": self._reference}
+        return self.tally.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._reference = float(state_dict.get("reference", 1.0))
+        self.tally.load_state_dict(state_dict)
 
 
 def _check_strategy(strategy: Any) -> None:

@@ -30,6 +30,10 @@ import transformers
 
 from . import _trl
 from ._items import KINDS, count_items
+from ._weights import share
+from .engine.rules.base import first_mean
+from .engine.rules.terms import check_counters, pair
+from .engine.rules.terms import count as count_term
 
 __all__ = ["ExactAccumulationMixin", "Trainer", "count_items", "item_kind"]
 
@@ -102,7 +106,8 @@ class ExactAccumulationMixin(_TrainerBase):
     # Our loss already carries the window's weights: Trainer must not divide it by k.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, items: ItemsLike = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, items: ItemsLike = None, terms: Optional[Mapping[str, Callable[[Any], Any]]] = None,
+                 **kwargs: Any) -> None:
         if not hasattr(transformers.Trainer, "loss_is_scaled_for_ga"):
             # Older Trainers divide the loss by k behind our back; we would rather refuse than be wrong.
             raise ImportError(
@@ -111,7 +116,15 @@ class ExactAccumulationMixin(_TrainerBase):
             )
         if not (items is None or callable(items) or items in KINDS):
             raise ValueError(f"items must be one of {KINDS}, a function batch -> int, or None; got {items!r}")
+        counters = check_counters(terms)
+        if counters is not None and not isinstance(counters, dict):
+            raise TypeError("terms= of the Trainer mixin maps each term to its counter, a function batch -> items that "
+                            "term averages over: the window's batches are counted before its first backward")
         super().__init__(*args, **kwargs)
+        self._terms: Optional[dict[str, Callable[[Any], Any]]] = counters
+        self._term_counts: dict[int, list[float]] = {}  # per micro-batch of the window: each term's items
+        self._term_totals: list[float] = []  # each term's items in the window, all ranks
+        self._weighed = False  # whether compute_loss weighed the micro-batch's loss
         self._items = items
         self._count: Optional[Callable[[Mapping[str, Any]], int]] = None  # known once training starts
         self._weights: Optional[dict[int, float]] = None
@@ -148,16 +161,21 @@ class ExactAccumulationMixin(_TrainerBase):
         if self._count is None:
             self._count = self._counter()
         counts = [self._count(b) for b in batches]
-        total = float(sum(counts))
+        names = list(self._terms or {})
+        per_term = [[count_term(self._terms[t](b), t, "the counter's value") for t in names] for b in batches] if self._terms else []
+        totals = [float(sum(counts))] + [float(sum(c[j] for c in per_term)) for j in range(len(names))]
         if world > 1:
             # Every rank must divide by the items of the whole step, not its own share.
-            t = torch.tensor([total], dtype=torch.float64, device=self.args.device)
+            t = torch.tensor(totals, dtype=torch.float64, device=self.args.device)
             dist.all_reduce(t)
-            total = float(t.item())
-        if total <= 0:
+            totals = t.tolist()
+        total = totals[0]
+        if total <= 0 and not self._terms:
             raise ValueError("a window with no items to learn from: every label of its micro-batches is -100")
-        # Micro-batch i weighs n_i / N; times the world size because DDP averages over ranks.
-        self._weights = {id(b): n * world / total for b, n in zip(batches, counts)}
+        # Micro-batch i weighs n_i / N, times the world size because DDP averages over ranks.
+        self._weights = {id(b): share(n, total, world) if total > 0 else 0.0 for b, n in zip(batches, counts)}
+        self._term_counts = {id(b): c for b, c in zip(batches, per_term)}
+        self._term_totals = totals[1:]
         self._window_items, self._world = total, world
         # None: nothing downstream may normalise by a window total the model may ignore.
         return batches, None
@@ -182,10 +200,51 @@ class ExactAccumulationMixin(_TrainerBase):
                 "needs the Trainer's own training loop (trainer.train())"
             )
         self._weight = weight
+        own = self.compute_loss
+
+        def compute_loss(*args: Any, **kwargs: Any) -> Any:
+            # The most derived compute_loss: a subclass's may return a mapping of terms, or a
+            # mean that the mixin's own compute_loss (which it overrides) never weighed.
+            self._weighed = False
+            result = own(*args, **kwargs)
+            loss, outputs = result if kwargs.get("return_outputs") else (result, None)
+            if isinstance(loss, Mapping):
+                loss = self._combine_terms(loss, inputs)
+            elif not self._weighed:
+                loss = loss * typing.cast(float, self._weight)
+            return (loss, outputs) if kwargs.get("return_outputs") else loss
+
+        self.compute_loss = compute_loss  # type: ignore[method-assign]
         try:
             return super().training_step(model, inputs, None)
         finally:
+            del self.compute_loss
             self._weight = None
+
+    def _combine_terms(self, mapping: Mapping[str, Any], inputs: Any) -> torch.Tensor:
+        """``sum_t mean_t * n_t * world / N_t``: each term at its exact share of the window."""
+        if not self._terms:
+            raise ValueError(
+                f"compute_loss returned terms {list(mapping)}, but the trainer has no counters for them: the "
+                "window's items of each term must be known before its first backward. Build it with "
+                "terms={name: counter}, a function batch -> items that term averages over (see docs/terms.md)")
+        names = list(self._terms)
+        unknown = [k for k in mapping if k not in self._terms]
+        if unknown:
+            raise ValueError(f"compute_loss returned terms {unknown} that the trainer does not count; its terms are {names}")
+        counted = self._term_counts.get(id(inputs))
+        parts = []
+        for j, name in enumerate(names):
+            if name not in mapping:
+                continue
+            mean, n = pair(mapping[name], name)
+            n = count_term(n, name, "num_items") if n is not None else (counted[j] if counted else 0.0)
+            total = self._term_totals[j]
+            if n and total > 0:
+                parts.append(mean.reshape(()) * share(n, total, self._world))
+        if not parts:  # no term has items here: a zero-weight backward keeps the graph's collectives
+            return first_mean(mapping).reshape(()) * 0.0
+        return sum(parts[1:], parts[0])
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -195,6 +254,7 @@ class ExactAccumulationMixin(_TrainerBase):
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch))
         if self._weight is None:  # evaluation, prediction, or the stock step
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        self._weighed = True
         user_loss = self.compute_loss_func
         divides: list[bool] = []
         if user_loss is not None:
@@ -216,6 +276,9 @@ class ExactAccumulationMixin(_TrainerBase):
             self.compute_loss_func = user_loss
         loss: Any
         loss, outputs = result if return_outputs else (result, None)
+        if isinstance(loss, Mapping):  # terms: training_step weighs each at its own share
+            self._weighed = False
+            return result
         if divides and divides[0]:
             loss = loss * self._world  # already its share of the window's mean; DDP averages over ranks
         else:

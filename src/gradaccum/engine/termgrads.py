@@ -118,3 +118,78 @@ class TermGrads:
                     old[j] = g if prior is None else prior.add_(g)
         refs.update({k: v for k, v in self.refs.items() if k not in refs})
         self.stores, self.refs = stores, refs
+
+
+class TermWindow:
+    """Several terms in a loop that runs its own backward (Accelerate, Lightning): each
+    micro-batch's primary term goes to the loop's backward with the window tally's weight,
+    the others into :class:`TermGrads`; at the close, one collective of the tally's and the
+    terms' counts, then the stores are added with their exact ``1 / N_t``.
+
+    ``names``: the terms, fixed (required across ranks, where every rank's collective must
+    carry the same terms); None in one process: the first mapping's, growing as new ones come.
+    """
+
+    def __init__(self, params: list[torch.Tensor], names: Optional[list[str]] = None, world: int = 1,
+                 where: str = "this loop"):
+        if names is None and world > 1:
+            raise ValueError(
+                f"a mapping of terms in {where} on {world} ranks: every rank's window must carry the same terms, so "
+                "name them when building it (terms=['lm', 'cls'], the first being the one the loop backpropagates)")
+        self.names = list(names or [])
+        self.fixed = names is not None
+        self.grads = TermGrads(params)
+        self.clear()
+
+    def clear(self) -> None:
+        self.items: list[Any] = [0.0] * len(self.names)
+        self.losses: list[Any] = [0.0] * len(self.names)
+
+    def split(self, mapping: Any, scale: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+              ) -> tuple[torch.Tensor, Any]:
+        """Differentiate every term but the primary into its store (weight ``n / r_t``); return
+        the primary's mean and its count, or, where it is absent, a mean to backpropagate at
+        weight zero and ``None``."""
+        from .rules.terms import count, pair
+
+        if not mapping:
+            raise ValueError(f"a mapping of terms needs at least one term (its terms: {self.names})")
+        unknown = [k for k in mapping if k not in self.names]
+        if unknown and self.fixed:
+            raise ValueError(f"terms {unknown} were not named when the loop was built (terms={self.names})")
+        for name in unknown:
+            self.names.append(name)
+            self.items.append(0.0)
+            self.losses.append(0.0)
+        present = []
+        for j, name in enumerate(self.names):
+            if name in mapping:
+                mean, n = pair(mapping[name], name)
+                if n is None:
+                    raise ValueError(f"term {name!r} without its num_items: give (mean, num_items)")
+                n = count(n, name, "num_items")
+                if n:
+                    present.append((j, mean.reshape(()), n))
+                    self.items[j] += n
+                    self.losses[j] = self.losses[j] + mean.detach().reshape(()).to(torch.float64) * n
+        for j, mean, n in present:
+            if j:  # the loop's backward of the primary (or of a zero) frees the graph afterwards
+                self.grads.add(self.names[j], mean, n, retain_graph=True, scale=scale)
+        if present and present[0][0] == 0:
+            return present[0][1], present[0][2]
+        value = mapping[next(iter(mapping))]
+        return (value[0] if isinstance(value, (tuple, list)) else value).reshape(()), None
+
+    def local(self) -> list[Any]:
+        """This rank's ``[items per term..., loss sums per term...]``."""
+        return list(self.items) + list(self.losses)
+
+    def close(self, summed: list[float], reduce: Optional[Reduce], unscale: float = 1.0) -> dict[str, float]:
+        """Add the stores to ``.grad`` from the summed ``local()`` (``unscale``: divide stores
+        that a loss scale multiplied, where ``.grad`` was unscaled already); each term's mean."""
+        t = len(self.names)
+        totals, losses = summed[:t], summed[t:2 * t]
+        self.grads.combine({name: (1.0 / (totals[j] * unscale) if totals[j] else 0.0)
+                            for j, name in enumerate(self.names)}, reduce)
+        self.clear()
+        return {name: (losses[j] / totals[j] if totals[j] else 0.0) for j, name in enumerate(self.names)}

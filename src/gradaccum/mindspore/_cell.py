@@ -3,9 +3,12 @@
 Everything a window needs is held in parameters (the gradient sum, the item count, the
 counters), and every decision is a tensor condition, so the whole train step can sit
 under ``@ms.jit``: forward, gradients, accumulation and the update when the window closes.
-The rules are the PyTorch engine's: micro-batch i weighs n_i / N. The cell adds n_i g_i
-(float32 keeps its relative precision whatever the scale) and divides by N when the window
-closes, folded into the clipping factor: one multiply per parameter.
+The rules are the PyTorch engine's, restated in MindSpore ops (``gradaccum._weights`` is
+plain Python, which a compiled graph cannot call): micro-batch i is added with the weight
+``provisional_weight(n_i, reference=1, planned=1) = n_i`` (float32 keeps its relative
+precision whatever the scale), and the window's sum is multiplied by
+``boundary_scale(N, reference=1, planned=1) = 1 / N`` when it closes, folded into the
+clipping factor: one multiply per parameter. A test checks the cell against those functions.
 
 MindSpore's CPU kernels cost about the same whatever their size, so the scalar
 bookkeeping is packed: the open window's counters are one 4-vector, updated by one
@@ -224,7 +227,7 @@ class AccumulatorCell(nn.Cell):
         # One dot product of the flattened sum: MindSpore's CPU ReduceSum, one per
         # parameter, cost more than all the rest of the accumulator (measured).
         norm = ops.sqrt(ops.tensor_dot(flat, flat, 1)) / total
-        factor = 1.0 / total  # sum_i n_i g_i / N: the big batch's mean gradient
+        factor = 1.0 / total  # _weights.boundary_scale(N, 1, 1): sum_i n_i g_i / N, the big batch's mean
         if self.clip:
             factor = factor * ops.minimum(self.max_grad_norm / (norm + 1e-6), 1.0)
         # total is 0 only for a data-parallel flush with nothing held on any rank.
