@@ -135,7 +135,7 @@ def boundary_scale(total_items: Any, reference: float, planned: int, world_size:
     return reference * planned * world_size / total_items
 
 
-def share(num_items: Any, total_items: float, world_size: int = 1) -> Any:
+def share(num_items: Any, total_items: Any, world_size: int = 1) -> Any:
     """The exact weight of a micro-batch whose window total was counted before its backward:
     its share of the window's items, times the ranks that the gradient is averaged over.
 
