@@ -223,7 +223,7 @@ def test_damaged_or_pickled_weights_are_refused(minilm_copy, tmp_path, damage):
 # -- the output directory ------------------------------------------------------------------
 
 def test_a_second_run_into_the_same_out_exits_2_naming_the_first(tmp_path):
-    from gradaccum.recipes.train import OutputLock
+    from gradaccum.recipes.run import OutputLock
 
     out = tmp_path / "run"
     with OutputLock(out):  # this test process plays the first run

@@ -194,10 +194,10 @@ def _train(values: dict[str, Any]) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         for note in ignored_options(given, cfg):
             print(f"gradaccum train: notice: {note}", file=sys.stderr)
-    from .recipes import train
+    from .recipes import run, train
 
     # One run per output directory; under torchrun, rank 0 holds it for all.
-    lock = train.OutputLock(Path(cfg.out)) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    lock = run.OutputLock(Path(cfg.out)) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
     try:
         with lock:
             if cfg.task == "retrieval":
@@ -206,8 +206,9 @@ def _train(values: dict[str, Any]) -> int:
                 summary = retrieval.run(cfg)
             else:
                 summary = train.run(cfg)
-    except train.Interrupted as exc:
-        print(f"gradaccum train: {exc}", file=sys.stderr)
+    except run.Interrupted as exc:
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one message for all ranks
+            print(f"gradaccum train: {exc}", file=sys.stderr)
         return 130
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
         _print_summary(summary)

@@ -12,8 +12,10 @@ review whose condition is among them (accuracy@1, MRR), beside the untuned model
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,13 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import Accumulator
-from . import assets, checkpoint, report
+from . import assets, checkpoint, report, run as scaffold
 from .config import ConfigError, TrainConfig
 from .data import Batcher, count_windows, read_rows
 from .model import check_vocabulary, load_tokenizer
 from .shard import Layout
-from .train import (Interrupted, _StopRequest, _distributed, _peak_memory, _prepare_out, _quiet, _restore,
-                    check_optional_dependencies, data_fingerprint, save_checkpoint)
 
 SCALE = 20.0  # cosine similarities times 20 (temperature 0.05), as sentence-transformers' ranking loss
 
@@ -185,23 +185,21 @@ class _Run:
     progress: dict[str, Any]
     metrics: Optional[report.MetricsFile]
     log: Callable[[str], None]
+    control: Any = None  # a CPU process group for stop requests (None: the default group, or one process)
 
     def score(self) -> dict[str, float]:
         """Rank 0 evaluates; every rank gets the result."""
         result = None
         if self.rank == 0:
             result = evaluate(self.core, self.held_ids, self.pairs.eval_conditions, self.condition_ids, self.pad_id, self.device)
-        if self.world > 1:
-            box = [result]
-            torch.distributed.broadcast_object_list(box, src=0)
-            result = box[0]
+        result = scaffold.from_rank0(result, self.world)
         assert result is not None  # rank 0 evaluated, and sent it to every rank
         return result
 
     def save(self, consumed: int) -> Optional[Path]:
         self.progress["consumed"] = consumed
-        return save_checkpoint(self.out, self.rank, self.world, Layout(), self.core, self.optimizer, self.scheduler,
-                               self.acc, self.progress)
+        return scaffold.save_checkpoint(self.out, self.rank, self.world, Layout(), self.core, self.optimizer,
+                                        self.scheduler, self.acc, self.progress)
 
 
 def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -215,7 +213,8 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
         >>> summary["eval"]["mrr"] > summary["baseline"]["mrr"]  # doctest: +SKIP
         True
     """
-    r = _setup(cfg, log)
+    with scaffold.terminable() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else contextlib.nullcontext():
+        r = _setup(cfg, log)
     zs = r.progress["zero_shot"]
     r.log(f"gradaccum train: retrieval (review -> condition among {len(r.pairs.conditions)}) on {len(r.train.ids)} train / "
           f"{len(r.held_ids)} eval reviews ({r.pairs.dropped_eval} held-out reviews of conditions unseen in training left out)\n"
@@ -224,7 +223,7 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
           f"{'whole window over all ranks (cached, exact)' if cfg.negatives == 'window' else 'micro-batch only'}; "
           f"{r.total} optimizer steps; {r.device}\n"
           f"  untuned: accuracy@1 {zs['accuracy@1']:.3f}, MRR {zs['mrr']:.3f}")
-    with _StopRequest(enabled=r.world == 1) as stop:
+    with scaffold.StopRequest(r.world, r.control) as stop:
         stopped = _epochs(r, stop, stop_after)
     if stopped is not None:
         return {"stopped_at": stopped, "out": str(r.out)}
@@ -234,8 +233,8 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
 def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
     import transformers
 
-    check_optional_dependencies(cfg)
-    rank, world, device = _distributed(cfg)
+    scaffold.check_optional_dependencies(cfg)
+    rank, world, device, control = scaffold.init_distributed(cfg)
     if cfg.micro_batch == "auto":
         raise ConfigError("--task retrieval: give --micro-batch as a number (auto measures the classifier)")
     # In-batch negatives need a second example in the batch the loss sees: with one, the loss
@@ -258,7 +257,7 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
     except Exception as exc:
         raise ConfigError(f"--model {model_dir}: cannot load it as an encoder ({str(exc)[:300]})") from None
     check_vocabulary(model_dir, tok, encoder)
-    out = _prepare_out(cfg) if rank == 0 else Path(cfg.out)
+    out = scaffold.prepare_out(cfg) if rank == 0 else Path(cfg.out)
     if rank == 0:
         checkpoint.recover(out)
     if world > 1:
@@ -282,10 +281,11 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
                       max_grad_norm=cfg.max_grad_norm, precision=cfg.precision)
     r = _Run(cfg, rank, world, device, out, pairs, train, tokenize(pairs.eval_texts), condition_ids, tok.pad_token_id,
              core, model, optimizer, scheduler, acc, total,
-             {"epoch": 0, "consumed": 0, "train_seconds": 0.0, "evals": [], "data_sha256": data_fingerprint(cfg)}, None,
-             log if rank == 0 else _quiet)
+             {"epoch": 0, "consumed": 0, "train_seconds": 0.0, "evals": [], "data_sha256": scaffold.data_fingerprint(cfg)},
+             None, log if rank == 0 else scaffold.quiet, control)
     if cfg.resume:
-        r.progress = _restore(out, core, optimizer, scheduler, acc, r.log, rank=rank, world=world, cfg=cfg)
+        r.progress = scaffold.restore(out, core, optimizer, scheduler, acc, r.log, rank=rank, world=world, group=control,
+                                      cfg=cfg)
     else:
         r.progress["zero_shot"] = r.score()
     if rank == 0:
@@ -340,12 +340,14 @@ def _epochs(r: _Run, stop: Any, stop_after: Optional[int]) -> Optional[int]:
                 r.log(f"  step {rep.step}/{r.total}: loss {rep.loss:.4f}, lr {rep.lr:.2e}, ETA {eta:.0f} s")
             done = rep.step >= r.total
             stopping = stop_after is not None and rep.step >= stop_after and not done
-            if done or stopping or stop.signal is not None or (cfg.save_every and rep.step % cfg.save_every == 0):
+            signalled = stop.agreed()  # a window of cached representations stops at its boundary
+            if done or stopping or signalled or (cfg.save_every and rep.step % cfg.save_every == 0):
                 progress["train_seconds"] = time.perf_counter() - started
                 path = r.save(consumed)
-                if stop.signal is not None:
-                    raise Interrupted(f"stopped by a signal after optimizer step {rep.step}; checkpoint {path}; "
-                                      f"continue with: gradaccum train --resume {r.out}")
+                if signalled:
+                    raise scaffold.Interrupted(
+                        f"stopped by signal {stop.name()} after optimizer step {rep.step}; checkpoint "
+                        f"{path or 'written by rank 0'}; continue with: {scaffold.resume_command(r.out, r.world)}")
             if stopping:
                 return rep.step
             if done:
@@ -374,7 +376,7 @@ def _finish(r: _Run) -> dict[str, Any]:
         "effective_batch": cfg.effective_batch * r.world, "micro_batch": cfg.micro_batch, "k": cfg.steps_per_window,
         "micro_batch_sizes": cfg.micro_batch_sizes, "world_size": r.world, "negatives": cfg.negatives, "lr": cfg.lr,
         "optimizer_steps": r.acc.state.optimizer_step, "train_seconds": round(progress["train_seconds"], 2),
-        **_peak_memory(r.device),
+        **scaffold.peak_memory(r.device),
         "eval": {key: v for key, v in final.items() if key not in ("step", "epoch")},
         "evals": progress["evals"],
         "baseline": {"kind": "the untuned model (zero-shot)", **progress["zero_shot"]},
@@ -382,9 +384,7 @@ def _finish(r: _Run) -> dict[str, Any]:
     if r.rank == 0:
         (r.out / "summary.json").write_text(json.dumps(summary, indent=2))
         report.plot_loss(r.out / "metrics.csv", [], r.out / "loss.png")
-    if r.world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    scaffold.end_distributed(r.world)
     return summary
 
 

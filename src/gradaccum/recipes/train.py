@@ -5,14 +5,11 @@ Everything here is set-up and bookkeeping around the one engine, :class:`gradacc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
-import random
-import resource
-import shutil
-import signal
 import sys
 import time
 import typing
@@ -22,100 +19,12 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from .._lr import scale_lr
-from .._text import short
 from ..engine import Accumulator
-from . import checkpoint, report, shard
+from . import checkpoint, report, run as scaffold, shard
 from .config import ConfigError, TrainConfig
 from ..data import TokenBudgetSampler
-from .data import Batcher, count_items, count_windows, majority_baseline, resolve_device, tfidf_baseline, unigram_loss
+from .data import Batcher, count_items, count_windows, majority_baseline, tfidf_baseline, unigram_loss
 from .model import Prepared, prepare
-
-
-
-class OutputLock:
-    """Holds ``OUT/.lock`` for the length of a run, so that two runs never write one directory.
-
-    Example:
-        >>> with OutputLock(Path("runs/train")):  # doctest: +SKIP
-        ...     run(cfg)
-    """
-
-    def __init__(self, out: Path):
-        self.out, self.created = out, False
-        self.fh: Optional[Any] = None
-
-    def __enter__(self) -> "OutputLock":
-        import fcntl
-
-        try:
-            self.created = not self.out.exists()
-            self.out.mkdir(parents=True, exist_ok=True)
-            fh = (self.out / ".lock").open("a+")
-        except OSError as exc:
-            raise ConfigError(f"--out {self.out}: cannot write there ({exc.strerror or exc})") from None
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            owner = fh.read().strip() or "unknown"
-            fh.close()
-            raise ConfigError(
-                f"--out {self.out} is in use by another gradaccum run (process {owner}); wait for it to end, "
-                "or choose another --out"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        self.fh = fh
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.fh is None:
-            return
-        self.fh.close()  # closing releases the lock
-        # A run refused on its input leaves no trace: not even the directory it was to write.
-        if self.created and [p.name for p in self.out.iterdir()] == [".lock"]:
-            (self.out / ".lock").unlink()
-            self.out.rmdir()
-
-
-def check_optional_dependencies(cfg: TrainConfig) -> None:
-    """Every package the run will need, checked before the first step (not after training)."""
-    import importlib.util
-
-    needed = {"transformers": "transformers", "tqdm": "tqdm", "safetensors": "safetensors", "matplotlib": "matplotlib",
-              "sklearn": "scikit-learn"}
-    if cfg.tensorboard:
-        needed["tensorboard"] = "tensorboard"
-    if cfg.shard.startswith("zero"):
-        needed["deepspeed"] = "deepspeed"
-    missing = [pkg for module, pkg in needed.items() if importlib.util.find_spec(module) is None]
-    if missing:
-        extras = "train,deepspeed" if "deepspeed" in missing else "train"
-        raise ConfigError(f"this run needs {', '.join(missing)}: pip install 'gradaccum[{extras}]'"
-                          + (" tensorboard" if "tensorboard" in missing else ""))
-
-
-def _prepare_out(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
-    out = Path(cfg.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"--out {cfg.out}: cannot write there ({exc.strerror or exc})") from None
-    held = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*"))
-    if cfg.resume is None and held:
-        if not (out / "summary.json").is_file():
-            # An unfinished run: its checkpoints are the only way to continue it.
-            raise ConfigError(f"--out {cfg.out} holds checkpoints of an unfinished run: pass --resume {cfg.out} to "
-                              "continue it, or choose another --out")
-        log(f"--out {cfg.out}: replacing the finished run there (its summary.json, metrics and checkpoints)")
-        shutil.rmtree(out / "checkpoints")
-        (out / "summary.json").unlink()
-    return out
 
 
 @torch.no_grad()
@@ -153,36 +62,6 @@ def evaluate(model: torch.nn.Module, batcher: Batcher, device: torch.device, pre
     return result
 
 
-class _StopRequest:
-    """SIGINT/SIGTERM: finish the current micro-batch, checkpoint, exit."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.signal: Optional[int] = None
-        self._old: dict[int, Any] = {}
-        # Under torchrun a mid-window checkpoint would need every rank's partial gradients:
-        # there the launcher's signal handling stays in charge.
-        self._enabled = enabled
-
-    def __enter__(self) -> "_StopRequest":
-        for sig in (signal.SIGINT, signal.SIGTERM) if self._enabled else ():
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-class Interrupted(Exception):
-    """Training stopped on a signal after writing a checkpoint."""
-
-
 @dataclasses.dataclass
 class _Session:
     """One run's parts, built by :func:`_setup` before the first step."""
@@ -209,11 +88,12 @@ class _Session:
     tb: Any
     log: Callable[[str], None]
     layout: shard.Layout
+    control: Any  # a CPU process group for stop requests (None: the default group, or one process)
 
     def save(self, consumed: int) -> Optional[Path]:
         self.progress["consumed"] = consumed
-        return save_checkpoint(self.out, self.rank, self.world, self.layout, self.core, self.optimizer, self.scheduler,
-                               self.acc, self.progress)
+        return scaffold.save_checkpoint(self.out, self.rank, self.world, self.layout, self.core, self.optimizer,
+                                        self.scheduler, self.acc, self.progress)
 
     def micro_batches(self, epoch: int, consumed: int) -> Iterable[dict[str, Any]]:
         """This rank's micro-batches of ``epoch`` after the first ``consumed``."""
@@ -226,39 +106,6 @@ class _Session:
         return self.train.micro_batches(order, self.cfg.micro_batch_sizes, skip=consumed)
 
 
-def _rng() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def save_checkpoint(out: Path, rank: int, world: int, layout: shard.Layout, core: torch.nn.Module, optimizer: Any,
-                    scheduler: Any, acc: Accumulator, progress: dict[str, Any]) -> Optional[Path]:
-    """Every rank calls it at the same window boundary. Each rank writes its own position in
-    the data, RNG state and accumulator (``rank-R.pt``: ranks cut token-budget windows and
-    draw dropout differently) and its shard, if the layout has one; rank 0 adds the weights,
-    optimizer, scheduler and progress, and commits the checkpoint. Returns its path on rank 0."""
-    step = acc.state.optimizer_step
-    weights = layout.weights(core)  # collective where the weights are sharded
-    optimizer_state = layout.optimizer_state(optimizer)
-    state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "accumulator": acc.state_dict(),
-             "progress": progress, "rng": _rng(), "world_size": world, "shard": layout.name}
-    if world == 1:
-        return checkpoint.save(out, step, core, state, weights=weights)
-    token = [os.getpid()]
-    torch.distributed.broadcast_object_list(token, src=0)  # one staging directory for all ranks
-    staged = checkpoint.staging(out, step, token[0])
-    if rank == 0:
-        shutil.rmtree(staged, ignore_errors=True)
-        staged.mkdir(parents=True)
-    torch.distributed.barrier()
-    torch.save({"consumed": progress["consumed"], "rng": _rng(), "accumulator": acc.state_dict()},
-               staged / f"rank-{rank}.pt")
-    layout.save_ranks(staged)
-    torch.distributed.barrier()  # every share is on disk before rank 0 checksums and commits
-    path = checkpoint.save(out, step, core, state, weights=weights, staged=staged) if rank == 0 else None
-    torch.distributed.barrier()
-    return path
-
-
 def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train as configured; return the summary (also written to ``OUT/summary.json``).
 
@@ -269,8 +116,10 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
         >>> summary = run(TrainConfig(epochs=1, train_limit=64))  # doctest: +SKIP
         >>> summary["eval"]["accuracy"]  # doctest: +SKIP
     """
-    s = _setup(cfg, log)
-    with _StopRequest(enabled=s.world == 1) as stop:
+    # Under torchrun a rank may wait in a collective for one that refused its input: SIGTERM ends it at once.
+    with scaffold.terminable() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else contextlib.nullcontext():
+        s = _setup(cfg, log)
+    with scaffold.StopRequest(s.world, s.control) as stop:
         stopped = _epochs(s, stop, stop_after)
     if stopped is not None:
         return {"stopped_at": stopped, "out": str(s.out)}
@@ -279,10 +128,10 @@ def run(cfg: TrainConfig, *, stop_after: Optional[int] = None, log: Callable[[st
 
 def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Session:
     """Everything that can fail on input fails here, before anything is trained or written."""
-    check_optional_dependencies(cfg)
-    rank, world, device = _distributed(cfg)
+    scaffold.check_optional_dependencies(cfg)
+    rank, world, device, control = scaffold.init_distributed(cfg)
     if rank != 0:
-        log = _quiet
+        log = scaffold.quiet
     writer_cls: Any = None
     if cfg.tensorboard:
         try:
@@ -296,11 +145,10 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Session:
 
         chosen = plan(cfg, parse_bytes(cfg.memory_budget) if cfg.memory_budget else None, log=log)
         picked = [chosen["micro_batch"], chosen.get("max_tokens")]
-        if world > 1:  # every rank must use rank 0's choice
-            torch.distributed.broadcast_object_list(picked, src=0)
+        picked = scaffold.from_rank0(picked, world)  # every rank must use rank 0's choice
         cfg = dataclasses.replace(cfg, micro_batch=picked[0], max_tokens=cfg.max_tokens or picked[1])
     prep = prepare(cfg)
-    out = _prepare_out(cfg, log) if rank == 0 else Path(cfg.out)
+    out = scaffold.prepare_out(cfg, log) if rank == 0 else Path(cfg.out)
     if rank == 0:
         checkpoint.recover(out)  # what an interrupted save left behind
     if world > 1:
@@ -337,11 +185,11 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Session:
         compact_embedding_grads=layout.compact, sync_every_micro_batch=layout.sync_every_micro_batch,
     )
     progress: dict[str, Any] = {"epoch": 0, "consumed": 0, "train_seconds": 0.0, "evals": [],
-                                "padded_tokens": 0, "real_tokens": 0, "data_sha256": data_fingerprint(cfg)}
+                                "padded_tokens": 0, "real_tokens": 0, "data_sha256": scaffold.data_fingerprint(cfg)}
     if cfg.resume:
         progress = {"padded_tokens": 0, "real_tokens": 0,
-                    **_restore(out, core, optimizer, scheduler, acc, log, rank=rank, world=world, layout=layout,
-                               cfg=cfg)}
+                    **scaffold.restore(out, core, optimizer, scheduler, acc, log, rank=rank, world=world,
+                                       group=control, layout=layout, cfg=cfg)}
     metrics, tb = None, None
     if rank == 0:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -349,7 +197,7 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Session:
         tb = writer_cls(str(out / "tensorboard")) if writer_cls else None
     weights = class_weights(splits.train_labels, len(splits.labels), cfg.class_weights) if cfg.task != "lm" else None
     s = _Session(cfg, rank, world, device, out, prep, train, held, sampler, core, model, optimizer, scheduler, acc,
-                 total, lr, weights, progress, metrics, tb, log, layout)
+                 total, lr, weights, progress, metrics, tb, log, layout, control)
     cut = (f"each window sorted by length and cut at {sampler.max_tokens} padded tokens (--batching tokens)"
            if sampler is not None else f"micro-batch {cfg.micro_batch} x k {cfg.steps_per_window}"
            + (f" (micro-batches {cfg.micro_batch_sizes})" if len(set(cfg.micro_batch_sizes)) > 1 else ""))
@@ -390,7 +238,7 @@ def _loss(s: _Session, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
     return (ce * w).sum() / w.sum(), float(w.sum())
 
 
-def _epochs(s: _Session, stop: "_StopRequest", stop_after: Optional[int]) -> Optional[int]:
+def _epochs(s: _Session, stop: scaffold.StopRequest, stop_after: Optional[int]) -> Optional[int]:
     """Train until done; the step it stopped at when ``stop_after`` ends it early."""
     from tqdm.auto import tqdm
 
@@ -415,14 +263,14 @@ def _epochs(s: _Session, stop: "_StopRequest", stop_after: Optional[int]) -> Opt
                     consumed += 1
                 # forward_backward splits a micro-batch that runs out of memory, exactly.
                 window.forward_backward({key: v.to(s.device) for key, v in batch.items()}, lambda b: _loss(s, b))
-                if stop.signal is not None:
+                if stop.now():  # one process: the accumulator saves the partial window
                     progress["train_seconds"] = time.perf_counter() - started
                     path = s.save(consumed)
                     bar.close()
-                    raise Interrupted(
-                        f"stopped by signal {signal.Signals(stop.signal).name} after optimizer step "
+                    raise scaffold.Interrupted(
+                        f"stopped by signal {stop.name()} after optimizer step "
                         f"{acc.state.optimizer_step} (+{acc.state.micro_batches} micro-batches of the next); "
-                        f"checkpoint {path}; continue with: gradaccum train --resume {s.out}"
+                        f"checkpoint {path}; continue with: {scaffold.resume_command(s.out, s.world)}"
                     )
             rep = window.step()
             now = time.perf_counter()
@@ -439,9 +287,15 @@ def _epochs(s: _Session, stop: "_StopRequest", stop_after: Optional[int]) -> Opt
                     f"ETA {(s.total - rep.step) * spent / (rep.step - first):.0f} s")
             done = rep.step >= s.total
             stopping = stop_after is not None and rep.step >= stop_after
-            if done or stopping or (cfg.save_every and rep.step % cfg.save_every == 0):
+            signalled = s.world > 1 and stop.agreed()  # under torchrun: every rank stops at this boundary
+            if done or stopping or signalled or (cfg.save_every and rep.step % cfg.save_every == 0):
                 progress["train_seconds"] = time.perf_counter() - started
-                s.save(consumed)
+                path = s.save(consumed)
+                if signalled:
+                    bar.close()
+                    raise scaffold.Interrupted(
+                        f"stopped by signal {stop.name()} after optimizer step {rep.step}; checkpoint "
+                        f"{path or 'written by rank 0'}; continue with: {scaffold.resume_command(s.out, s.world)}")
             if stopping and not done:
                 bar.close()
                 return rep.step
@@ -458,11 +312,11 @@ def _epochs(s: _Session, stop: "_StopRequest", stop_after: Optional[int]) -> Opt
         if not done:
             progress["train_seconds"] = time.perf_counter() - started
             s.save(0)
-        if stop.signal is not None:  # it came during the evaluation: the checkpoint is written
+        if stop.agreed():  # it came during the evaluation: the checkpoint is written
             bar.close()
-            raise Interrupted(
-                f"stopped by signal {signal.Signals(stop.signal).name} after the evaluation of epoch {epoch + 1} "
-                f"(optimizer step {acc.state.optimizer_step}); continue with: gradaccum train --resume {s.out}"
+            raise scaffold.Interrupted(
+                f"stopped by signal {stop.name()} after the evaluation of epoch {epoch + 1} (optimizer step "
+                f"{acc.state.optimizer_step}); continue with: {scaffold.resume_command(s.out, s.world)}"
             )
     bar.close()
     progress["train_seconds"] = time.perf_counter() - started
@@ -500,7 +354,7 @@ def _finish(s: _Session) -> dict[str, Any]:
         "optimizer_steps": s.acc.state.optimizer_step, "train_seconds": round(progress["train_seconds"], 2),
         "tokens": {"padded": progress["padded_tokens"], "real": progress["real_tokens"],
                    "padded_per_real": round(progress["padded_tokens"] / max(progress["real_tokens"], 1), 4)},
-        **_peak_memory(s.device),
+        **scaffold.peak_memory(s.device),
         "eval": {key: v for key, v in final.items() if key not in ("step", "epoch")},
         "evals": progress["evals"],
     }
@@ -513,108 +367,13 @@ def _finish(s: _Session) -> dict[str, Any]:
     if s.rank == 0:
         (s.out / "summary.json").write_text(json.dumps(summary, indent=2))
         report.plot_loss(s.out / "metrics.csv", progress["evals"], s.out / "loss.png")
-    if s.world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    scaffold.end_distributed(s.world)
     return summary
-
-
-def data_fingerprint(cfg: TrainConfig) -> Optional[str]:
-    """The SHA-256 of the ``--data`` file (None for the shipped data)."""
-    return checkpoint.sha256(Path(cfg.data)) if cfg.data else None
-
-
-def _check_data(cfg: Optional[TrainConfig], progress: dict[str, Any]) -> None:
-    if cfg is None or cfg.data_changed:
-        return
-    saved, now = progress.get("data_sha256"), data_fingerprint(cfg)
-    if saved is not None and saved != now:
-        raise ConfigError(
-            f"--resume {cfg.resume}: --data {cfg.data} changed since the run's checkpoint (SHA-256 {saved[:12]}... then, "
-            f"{(now or '')[:12]}... now): its rows, held-out split and order would differ from the run's. Restore "
-            "the file, or pass --data-changed to go on with it"
-        )
-
-
-def _restore(out: Path, core: torch.nn.Module, optimizer: Any, scheduler: Any, acc: Accumulator,
-             log: Callable[[str], None], *, rank: int = 0, world: int = 1,
-             layout: Optional[shard.Layout] = None, cfg: Optional[TrainConfig] = None) -> dict[str, Any]:
-    """Load the newest checkpoint that loads whole; fall back past any that does not (another
-    model's shapes, a foreign or damaged state) to the previous one. Each rank takes its own
-    position in the data, RNG state and accumulator from its ``rank-R.pt``."""
-    layout = layout or shard.Layout()
-    reasons = []
-    for path in checkpoint.candidates(out):
-        try:
-            state = checkpoint.load(path)
-            saved_world = state.get("world_size", 1)
-            if saved_world != world:
-                raise ConfigError(
-                    f"--resume {out}: the run was trained on {saved_world} rank(s) and is resumed on {world}; "
-                    f"the global batch and each rank's share of the data would change. Resume it with "
-                    f"{saved_world} process(es) (torchrun --nproc-per-node {saved_world})"
-                )
-            layout.load(path, core, optimizer, state, checkpoint.load_weights)
-            scheduler.load_state_dict(state["scheduler"])
-            own = checkpoint.load_rank(path, rank) if world > 1 else None
-            acc.load_state_dict((own or state)["accumulator"])
-            progress = state["progress"]
-            if not isinstance(progress, dict) or {"epoch", "consumed", "train_seconds", "evals"} - set(progress):
-                raise ValueError("its progress record is incomplete")
-            _check_data(cfg, progress)
-            rng = (own or state)["rng"]
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            if own is not None:
-                progress = {**progress, "consumed": own["consumed"]}
-        except ConfigError:
-            raise
-        except Exception as exc:  # anything a damaged or foreign checkpoint can raise
-            reason = f"{type(exc).__name__}: {short(str(exc), 200)}"
-            reasons.append(f"{path.name}: {reason}")
-            print(f"gradaccum: checkpoint {path.name} cannot be loaded ({reason}); trying the previous one",
-                  file=sys.stderr)
-            continue
-        log(f"resuming from {path} (optimizer step {acc.state.optimizer_step})")
-        return progress
-    raise checkpoint.CheckpointError(f"no checkpoint in {out} can be loaded: {'; '.join(reasons)}")
-
-
-def _quiet(message: str) -> None:
-    """Log sink of ranks other than 0."""
-
-
-def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    """Rank, world size and device; under torchrun, also the process group (gloo on CPU,
-    NCCL on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(cfg.device)
-    if world == 1:
-        return 0, 1, device
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return torch.distributed.get_rank(), world, device
 
 
 def _evaluate_rank0(model, held, device, precision, rank, world, everywhere: bool = False) -> dict[str, Any]:
     """Rank 0 evaluates the unwrapped model; the result is shared so every rank logs the same.
     ``everywhere``: sharded weights are gathered inside each forward, so every rank runs it."""
-    result = evaluate(model, held, device, precision) if rank == 0 or everywhere else None
-    if world > 1:
-        box = [result]
-        torch.distributed.broadcast_object_list(box, src=0)
-        result = box[0]
+    result = scaffold.from_rank0(evaluate(model, held, device, precision) if rank == 0 or everywhere else None, world)
     assert result is not None  # rank 0 evaluated, and sent it to every rank
     return result
-
-
-def _peak_memory(device: torch.device) -> dict[str, Any]:
-    if device.type == "cuda":
-        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_kind": "cuda allocator"}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scale = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB
-    return {"peak_memory_bytes": rss * scale, "peak_memory_kind": "process peak RSS"}
