@@ -204,3 +204,80 @@ def test_sentiment_and_retrieval_resume_under_torchrun_bit_for_bit(tmp_path, tin
     assert launch.finished(proc), proc.stderr[-3000:]
     assert _same(_weights(last), straight) == 0.0
     assert _rows(out) == rows
+
+
+def test_a_signal_under_torchrun_checkpoints_every_rank_and_resumes(tmp_path, ddp_run):
+    # Ctrl-C on a 2-rank run (SIGINT to the launcher's process group) between --save-every
+    # checkpoints: every rank stops at the same window boundary and writes its share, the
+    # message names the torchrun command, and --resume ends at the uninterrupted weights.
+    import signal
+    import time
+
+    out = tmp_path / "signalled"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "gradaccum", "train", *ARGS, "--save-every", "0", "--out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, sent = time.time() + 240, False
+    while proc.poll() is None and time.time() < deadline:
+        metrics = out / "metrics.csv"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:  # a step done, none saved yet
+            os.killpg(proc.pid, signal.SIGINT)
+            sent = True
+            break
+        time.sleep(0.02)
+    _, stderr = proc.communicate(timeout=120)
+    if not sent or (out / "summary.json").exists():
+        pytest.skip("the run ended before it could be interrupted")
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    assert saved, stderr[-3000:]
+    assert all((saved[-1] / f"rank-{r}.pt").is_file() for r in range(2))
+    assert "torchrun --nproc-per-node 2 -m gradaccum train --resume" in stderr, stderr[-3000:]
+    assert "outside the training loop" not in stderr
+    proc = _torchrun("--resume", str(out))
+    assert launch.finished(proc), proc.stderr[-3000:]
+    final = out / "checkpoints" / "step-0000004"
+    assert _same(_weights(final), _weights(ddp_run / "checkpoints" / "step-0000004")) == 0.0
+
+
+def test_every_rank_resumes_from_the_same_checkpoint_and_the_shard_it_was_written_with(tmp_path, ddp_run):
+    import json
+
+    out = tmp_path / "partial"
+    shutil.copytree(ddp_run, out)
+    (out / "summary.json").unlink()
+    # config.json edited to another --shard than the checkpoints hold: refused, naming both.
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "shard": "fsdp2"}))
+    proc = _torchrun("--resume", str(out))
+    assert proc.returncode != 0
+    assert "written with --shard ddp" in proc.stderr and "--shard fsdp2" in proc.stderr, proc.stderr[-2000:]
+    (out / "config.json").write_text(json.dumps(config))
+    # The newest checkpoint copied without rank 1's file (its manifest consistent): rank 0 alone
+    # could load it; every rank falls back to the one before, together, and ends as the straight run.
+    newest = out / "checkpoints" / "step-0000004"
+    (newest / "rank-1.pt").unlink()
+    manifest = json.loads((newest / "manifest.json").read_text())
+    del manifest["sha256"]["rank-1.pt"]
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    proc = _torchrun("--resume", str(out))
+    assert launch.finished(proc), proc.stderr[-3000:]
+    assert "step-0000004 cannot be loaded (rank 1: ValueError: 'its rank-1.pt is missing" in proc.stderr
+    assert "step-0000003" in proc.stdout
+    assert _same(_weights(newest), _weights(ddp_run / "checkpoints" / "step-0000004")) == 0.0
+
+
+def test_a_launch_that_rank_0_refuses_ends_at_once(tmp_path):
+    # Rank 0 refuses (the output is locked) while rank 1 waits for it in the process group's
+    # rendezvous, where a Python SIGTERM handler cannot run: torchrun's SIGTERM must end it.
+    import time
+
+    from gradaccum.recipes.run import OutputLock
+
+    out = tmp_path / "locked"
+    with OutputLock(out):
+        started = time.time()
+        proc = _torchrun(*ARGS, "--out", str(out))
+        took = time.time() - started
+    assert proc.returncode != 0 and "in use by another gradaccum run" in proc.stderr
+    assert took < 25, f"{took:.0f} s"

@@ -319,7 +319,7 @@ def restore(out: Path, core: torch.nn.Module, optimizer: Any, scheduler: Any, ac
             _check_run(out, state, world, layout)
             own = checkpoint.load_rank(path, rank) if world > 1 else None
             if world > 1 and own is None:
-                raise FileNotFoundError(f"rank-{rank}.pt is missing")
+                raise ValueError(f"its rank-{rank}.pt is missing (a partial copy?)")
             progress = state["progress"]
             if not isinstance(progress, dict) or {"epoch", "consumed", "train_seconds", "evals"} - set(progress):
                 raise ValueError("its progress record is incomplete")
@@ -340,7 +340,8 @@ def restore(out: Path, core: torch.nn.Module, optimizer: Any, scheduler: Any, ac
             failure = _first_failure(failure, rank, world, group)
         if failure is not None:
             reasons.append(f"{name}: {failure}")
-            print(f"gradaccum: checkpoint {name} cannot be loaded ({failure}); trying the previous one", file=sys.stderr)
+            if rank == 0:  # the ranks agree on the failure: one line says it
+                print(f"gradaccum: checkpoint {name} cannot be loaded ({failure}); trying the previous one", file=sys.stderr)
             continue
         rng = (own or state)["rng"]
         torch.set_rng_state(rng["torch"])
