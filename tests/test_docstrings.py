@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["gradaccum._weights", "gradaccum._text", "gradaccum._state", "gradaccum.engine.plan", "gradaccum.engine.parallel", "gradaccum.engine.grads", "gradaccum.engine.step", "gradaccum._split", "gradaccum._lr", "gradaccum.nn",
+MODULES = ["gradaccum._weights", "gradaccum._text", "gradaccum._state", "gradaccum.engine.plan", "gradaccum.engine.parallel", "gradaccum.engine.grads", "gradaccum.engine.step", "gradaccum.engine.split", "gradaccum._lr", "gradaccum.nn",
            "gradaccum.recipes.config", "gradaccum.recipes.plan", "gradaccum.recipes.shard", "gradaccum.recipes.data", "gradaccum.transformers", "gradaccum.data", "gradaccum._items"]
 
 

@@ -68,7 +68,7 @@ def test_one_item_that_still_runs_out_of_memory_reraises():
 
 
 def test_split_batch_handles_dicts_and_tuples():
-    from gradaccum._split import split_batch
+    from gradaccum.engine.split import split_batch
 
     batch = {"input_ids": torch.arange(10).view(5, 2), "meta": [torch.arange(5), "x"]}
     parts = split_batch(batch, 2)
@@ -78,7 +78,7 @@ def test_split_batch_handles_dicts_and_tuples():
 
 def test_split_batch_keeps_a_batch_encoding():
     transformers = pytest.importorskip("transformers")
-    from gradaccum._split import split_batch
+    from gradaccum.engine.split import split_batch
 
     enc = transformers.BatchEncoding({"input_ids": torch.arange(12).view(3, 4), "attention_mask": torch.ones(3, 4)})
     parts = split_batch(enc, 2)

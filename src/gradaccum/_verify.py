@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._split import batch_size, split_batch
+from .engine.split import batch_size, split_batch
 from .engine import Accumulator
 
 

@@ -1,8 +1,10 @@
 """``Accumulator`` and ``Window``: the public loop, thin; the parts do the work.
 
 Parts, each chosen once at construction: a data-parallel adapter (``parallel``), gradient
-stores (``grads``), counters (``counts``), the window planner (``plan``) and the step
-(``step``). The CLI, the distributed path and the integrations all go through here.
+stores (``grads``), the normalisation rule (``rules``), the window planner (``plan``) and the
+step (``step``). The CLI and the distributed path go through here; integrations whose
+framework runs the backward (Accelerate, Lightning) share the same arithmetic through
+``gradaccum._weights.Tally`` and ``engine/termgrads.py``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .. import _split
+from . import split as _split
 from .retry import forward_backward_with_retry
 from .parts import Parts, WindowState
 from .rules.base import add_nothing, first_mean

@@ -72,20 +72,13 @@ def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optim
     acc.steps = _weights.check_steps(steps)
     acc.model, acc.optimizer, acc.scheduler = model, optimizer, scheduler
     acc.max_grad_norm, acc.precision, acc.accum_dtype = max_grad_norm, precision, accum_dtype
-    acc.parallel = dp = _deepspeed.DeepSpeed(model) if _parallel.is_deepspeed_engine(model) else _parallel.adapter_for(model)
-    if isinstance(dp, _deepspeed.DeepSpeed):
-        acc.optimizer = optimizer = _deepspeed.check(model, optimizer, precision, accum_dtype, compact_embedding_grads,
-                                                     scheduler)
-        dp.configure(max_grad_norm, sync_every_micro_batch)
-        acc.max_grad_norm = None  # the engine clips the window's gradient in its step
-        # The module's own parameters: a ZeRO optimizer's groups hold its flat fp32 partitions.
-        params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
-    else:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+    # The data-parallel adapter, chosen once; it refuses what cannot hold under it.
+    acc.parallel = dp = _parallel.adapter_for(model, (_deepspeed.DeepSpeed,))
+    acc.optimizer, params, acc.max_grad_norm = dp.prepare(optimizer, precision, accum_dtype, compact_embedding_grads,
+                                                          scheduler, max_grad_norm, sync_every_micro_batch)
     acc.params = params
     first = next(iter(model.parameters()), None)
     acc.device = first.device if first is not None else torch.device("cpu")
-    fsdp = isinstance(dp, _parallel.FSDP2)
     # The fused per-list kernels also run on the CPU, where torch's default loops in Python.
     acc.foreach = all(p.device.type in ("cpu", "cuda") for p in params) or None
     # Gradients share their parameters' device and dtype: check once, not every step.
@@ -93,26 +86,10 @@ def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optim
     acc.uniform = bool(acc.foreach) and len(kinds) == 1 and next(iter(kinds))[0]
     acc.autocast_dtype = AUTOCAST[precision]
     acc.scaler = torch.amp.GradScaler(acc.device.type) if precision == "fp16" else None
-    acc.sync_control = isinstance(dp, _deepspeed.DeepSpeed) or (
-        not sync_every_micro_batch and isinstance(dp, (_parallel.DDP, _parallel.FSDP2)))
-    if fsdp and acc.sync_control:
-        dp.holds_window_grads = (
-            "FSDP2 holds the partial window's unsharded gradients inside its own parameters, out of reach. "
-            "Save at a window boundary (after window.step()), or build the Accumulator with sync_every_micro_batch=True"
-        )
+    acc.sync_control = dp.controls_sync(sync_every_micro_batch)
 
     low = {i for i, p in enumerate(params) if accum_dtype is not None and p.is_floating_point()
            and torch.finfo(p.dtype).bits < torch.finfo(accum_dtype).bits}
-    if low and fsdp:
-        raise ValueError(
-            "accum_dtype with an FSDP2 model: FSDP2 holds the deferred gradients itself; give "
-            "fully_shard a MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) instead"
-        )
-    if compact_embedding_grads and fsdp:
-        raise ValueError(
-            "compact_embedding_grads with an FSDP2 model: FSDP2 holds the deferred unsharded gradients "
-            "inside its parameters, where no rows can be taken out; it already frees them per layer"
-        )
     on_device = device_counts if device_counts is not None else acc.device.type not in ("cpu", "meta")
     # An engine that owns the gradients (ZeRO) leaves the stores nothing to hold.
     stores = [] if dp.owns_gradients else _stores(
@@ -120,7 +97,7 @@ def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optim
     acc.stores = Stores(stores)
     # DDP reduces .grad in the last backward; gradients held elsewhere (fp32 buffers, rows)
     # would miss it, so then the engine reduces the window's sum itself at the step.
-    acc.explicit_reduce = isinstance(dp, _parallel.DDP) and bool(acc.stores.held_elsewhere)
+    acc.explicit_reduce = dp.reduces_in_backward and bool(acc.stores.held_elsewhere)
     acc.state = AccumulatorState()
     counts = DeviceCounts(acc.state, acc.device) if on_device else HostCounts(acc.state)
     # The rule, once: counters given, each term's items counted ahead; names given, one store

@@ -27,13 +27,28 @@ from typing import Any, ContextManager, Iterator, Optional
 import torch
 
 from .grads import DenseStore, Stores
-from .parallel import Collective
+from .parallel import Collective, is_deepspeed_engine
 
 
 class DeepSpeed(Collective):
     """A ``DeepSpeedEngine`` (ZeRO stage 0 to 3), chosen when the model is one."""
 
     can_encode = False  # re-encoding would run outside DeepSpeed's backward bookkeeping
+
+    @staticmethod
+    def wraps(model: Any) -> bool:
+        return is_deepspeed_engine(model)
+
+    def prepare(self, optimizer: Any, precision: str, accum_dtype: Any, compact: bool, scheduler: Any,
+                max_grad_norm: Optional[float], sync_every_micro_batch: bool) -> tuple[Any, list[torch.Tensor], Any]:
+        optimizer = check(self.engine, optimizer, precision, accum_dtype, compact, scheduler)
+        self.configure(max_grad_norm, sync_every_micro_batch)
+        # The module's own parameters: a ZeRO optimizer's groups hold its flat fp32 partitions;
+        # and no clip norm for the accumulator: the engine clips the window's gradient in its step.
+        return optimizer, [p for p in self.engine.parameters() if p.requires_grad], None
+
+    def controls_sync(self, sync_every_micro_batch: bool) -> bool:
+        return True  # the window owns DeepSpeed's accumulation boundary
 
     def __init__(self, engine: Any):
         super().__init__(engine)

@@ -41,6 +41,24 @@ class SingleProcess:
     can_store_terms = True
     # Where a mid-window state_dict cannot reach the partial gradients, the reason why.
     holds_window_grads: Optional[str] = None
+    # DDP's reducer all-reduces .grad inside the window's last backward: gradients the stores
+    # hold elsewhere (fp32 buffers, compact rows) would miss it, so the engine reduces them.
+    reduces_in_backward = False
+
+    @staticmethod
+    def wraps(model: Any) -> bool:
+        """Whether this adapter is the one for ``model`` (see :func:`adapter_for`)."""
+        return True
+
+    def prepare(self, optimizer: Any, precision: str, accum_dtype: Any, compact: bool, scheduler: Any,
+                max_grad_norm: Optional[float], sync_every_micro_batch: bool) -> tuple[Any, list[torch.Tensor], Any]:
+        """Refuse what cannot hold here; return the optimizer to use, its parameters and the
+        clip norm the accumulator applies itself (None where the engine clips)."""
+        return optimizer, [p for group in optimizer.param_groups for p in group["params"]], max_grad_norm
+
+    def controls_sync(self, sync_every_micro_batch: bool) -> bool:
+        """Whether non-final micro-batches run inside :meth:`skip_sync`."""
+        return False
 
     def skip_sync(self) -> ContextManager[None]:
         return contextlib.nullcontext()
@@ -112,6 +130,14 @@ class DDP(_Ranks):
     which it does when a micro-batch may be retried or gradients are held elsewhere."""
 
     name = "DDP"
+    reduces_in_backward = True
+
+    @staticmethod
+    def wraps(model: Any) -> bool:
+        return hasattr(model, "no_sync")
+
+    def controls_sync(self, sync_every_micro_batch: bool) -> bool:
+        return not sync_every_micro_batch
 
     def skip_sync(self) -> ContextManager[None]:
         return self.model.no_sync()  # type: ignore[operator,return-value]
@@ -196,6 +222,34 @@ class FSDP2(Collective):
     name = "FSDP2"
     can_encode = False  # the re-encoding pass would need its own resharding plan
 
+    @staticmethod
+    def wraps(model: Any) -> bool:
+        return hasattr(model, "set_requires_gradient_sync")
+
+    def prepare(self, optimizer: Any, precision: str, accum_dtype: Any, compact: bool, scheduler: Any,
+                max_grad_norm: Optional[float], sync_every_micro_batch: bool) -> tuple[Any, list[torch.Tensor], Any]:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if accum_dtype is not None and any(p.is_floating_point() and torch.finfo(p.dtype).bits < torch.finfo(accum_dtype).bits
+                                           for p in params):
+            raise ValueError(
+                "accum_dtype with an FSDP2 model: FSDP2 holds the deferred gradients itself; give "
+                "fully_shard a MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) instead"
+            )
+        if compact:
+            raise ValueError(
+                "compact_embedding_grads with an FSDP2 model: FSDP2 holds the deferred unsharded gradients "
+                "inside its parameters, where no rows can be taken out; it already frees them per layer"
+            )
+        if not sync_every_micro_batch:
+            self.holds_window_grads = (
+                "FSDP2 holds the partial window's unsharded gradients inside its own parameters, out of reach. "
+                "Save at a window boundary (after window.step()), or build the Accumulator with sync_every_micro_batch=True"
+            )
+        return optimizer, params, max_grad_norm
+
+    def controls_sync(self, sync_every_micro_batch: bool) -> bool:
+        return not sync_every_micro_batch
+
     @contextlib.contextmanager
     def _no_sync(self):
         self.model.set_requires_gradient_sync(False)  # type: ignore[operator]
@@ -224,17 +278,20 @@ def is_deepspeed_engine(model: Any) -> bool:
     return any(c.__module__.startswith("deepspeed.") and c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
 
 
-def adapter_for(model: torch.nn.Module) -> SingleProcess:
-    """The adapter for ``model``: one process unless it is DDP/FSDP2-wrapped in a process group
-    (a DeepSpeed engine gets ``engine.deepspeed.DeepSpeed``, chosen by ``build``).
+def adapter_for(model: torch.nn.Module, kinds: tuple[type[SingleProcess], ...] = ()) -> SingleProcess:
+    """The adapter for ``model``: the first of ``kinds`` (then FSDP2, DDP) that wraps it, or
+    one process. ``build`` passes ``engine.deepspeed.DeepSpeed`` first, which needs no
+    process group of torch's to be set up by the caller.
 
     >>> adapter_for(torch.nn.Linear(2, 2)).name
     'one process'
     """
+    for kind in kinds:
+        if kind.wraps(model):
+            return kind(model)  # type: ignore[call-arg]
     if not (dist.is_available() and dist.is_initialized()):
         return SingleProcess()
-    if hasattr(model, "set_requires_gradient_sync"):
-        return FSDP2(model)
-    if hasattr(model, "no_sync"):
-        return DDP(model)
+    for ranks in (FSDP2, DDP):
+        if ranks.wraps(model):
+            return ranks(model)
     return SingleProcess()

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import _split
+from . import split as _split
 from .parts import Parts, WindowState
 
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ._weights import share
+from .._weights import share
 
 # What each loss type's policy term averages over in the big batch.
 _ROWS, _TOKENS, _PADDED = "completions", "tokens", "completions x max_completion_length"
