@@ -98,7 +98,8 @@ def in_batch_loss(q: torch.Tensor, d: torch.Tensor, conditions: torch.Tensor, sc
     condition's copies do not count twice.
 
     Example:
-        >>> q = d = torch.eye(3); in_batch_loss(q, d, torch.tensor([0, 1, 0])) < in_batch_loss(q, d, torch.tensor([0, 1, 2]))
+        >>> q = d = torch.eye(3) / 4  # rows 0 and 2 share a condition: one negative fewer each
+        >>> in_batch_loss(q, d, torch.tensor([0, 1, 0])) < in_batch_loss(q, d, torch.tensor([0, 1, 2]))
         tensor(True)
     """
     logits = scale * (q.float() @ d.float().T)
