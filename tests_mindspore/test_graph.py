@@ -275,6 +275,11 @@ def test_data_parallel_under_msrun_equals_the_single_process_big_batch(tmp_path)
             assert got["flushed"].size >= 1 and got["flushed"].all(), (case, r, got["flushed"])
         for x in w0:
             np.testing.assert_array_equal(ranks[0][x], ranks[1][x])
+    # docs/mindspore.md's data-parallel block, as written, on both workers: 6 micro-batches at
+    # k = 4 are a window and a flushed partial one, each closed by one reduce.
+    for r in range(2):
+        docs = np.load(tmp_path / f"docs_rank{r}.npz")
+        assert int(docs["windows"]) == 2 and int(docs["reductions"]) == 2, (r, dict(docs))
     # The negative control: had each rank stepped on its own data, the ranks would differ.
     assert rel_err(window_grad(w0, data[0][:k], True), window_grad(w0, data[0][:k] + data[1][:k], True)) > 0.05
 
