@@ -4,7 +4,7 @@ The MiniLM classifier on the 600 training drug reviews, CPU, windows of B=32 exa
 Fixed: micro-batches of m=8 in shuffled order (each padded to its own longest review).
 Token budget: each window sorted by length and cut at m x max_length padded tokens, so the
 largest micro-batch either can form holds the same number of tokens: the same peak memory.
-Both give the same update (tests/test_token_budget.py); only the time differs. Epochs of
+Both give the same update (tests/engine/test_token_budget.py); only the time differs. Epochs of
 the two are alternated in one process, so a slow moment of the machine hits both.
 
     python benchmarks/token_budget.py [--max-length 256] [--micro 8] [--window 32] [--repeats 2]

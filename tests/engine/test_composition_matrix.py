@@ -30,7 +30,7 @@ REFUSED_FEATURE = {("fsdp2", "compact"): "compact_embedding_grads with an FSDP2"
 # FSDP2 cannot undo a failed attempt: its OOM cells are in test_fsdp2_oom_stops_every_rank;
 # its mid-window state_dict needs sync_every_micro_batch (test_fsdp2_mid_window_state...).
 # DeepSpeed likewise stops every rank on an OOM (as FSDP2), and refuses a mid-window
-# state_dict under ZeRO (tests/test_deepspeed.py checks the refusal and boundary resume).
+# state_dict under ZeRO (tests/integrations/test_deepspeed.py checks the refusal and boundary resume).
 SEPARATE = {("fsdp2", "oom_forward"), ("fsdp2", "oom_backward"), ("fsdp2", "resume"),
             ("zero2", "oom_forward"), ("zero2", "oom_backward"), ("zero2", "resume")}
 

@@ -1,4 +1,4 @@
-"""A rank of an FSDP2 run whose rank 0 runs out of memory (tests/test_matrix.py).
+"""A rank of an FSDP2 run whose rank 0 runs out of memory (tests/engine/test_composition_matrix.py).
 
 Rank 0 catches the error and, like a careless user, goes on to a collective: nothing may
 hang. Argument: where the error is injected, "forward" or "backward".

@@ -1,5 +1,5 @@
 """A rank of an FSDP2 run under ``torchrun --max-restarts 1`` whose rank 0 runs out of memory
-in the second window (tests/test_matrix.py).
+in the second window (tests/engine/test_composition_matrix.py).
 
 Each window boundary is checkpointed (full state, written by rank 0). The failing rank
 records the split its error suggests; the restarted ranks load the checkpoint, split their
