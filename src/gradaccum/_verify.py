@@ -95,6 +95,9 @@ def verify(
     causes: list[str] = []
     try:
         n = batch_size(batch)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise ValueError(f"verify compares one batch with its accumulation over steps >= 2 micro-batches; "
+                             f"steps={steps!r} would compare the batch with itself")
         if n is None or n < steps:
             raise ValueError(f"verify needs a batch of at least steps={steps} samples along dim 0; got {n}")
 

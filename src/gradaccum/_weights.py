@@ -77,6 +77,9 @@ def check_num_items(num_items: object) -> float:
     """
     if type(num_items) is int and num_items > 0:  # the common case, checked per micro-batch
         return num_items
+    if getattr(num_items, "is_meta", False):
+        raise ValueError("num_items is a meta tensor, which holds no value: give the count as a number, or a "
+                         "tensor with data (the tokens or samples that the loss averages over)")
     if hasattr(num_items, "item") and getattr(num_items, "numel", lambda: 1)() == 1:
         num_items = num_items.item()  # type: ignore[union-attr]
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):

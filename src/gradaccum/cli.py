@@ -152,11 +152,27 @@ def _interrupted(command: str, values: dict[str, Any], how: str) -> str:
     return f"gradaccum {command}: {how} before training started; nothing was trained"
 
 
+def _one_process(command: str, values: dict[str, Any]) -> bool:
+    """plan and verify measure in one process: under torchrun, rank 0 alone runs (the others
+    would compete for the same CPUs and print the same report); --shard changes nothing there."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"gradaccum {command}: notice: it runs in one process; rank 0 measures, the other ranks exit",
+              file=sys.stderr)
+    if values.get("shard", "ddp") != "ddp":
+        print(f"gradaccum {command}: notice: --shard has no effect here: {command} runs in one process"
+              + ("; the plan lists every --shard mode's memory per rank" if command == "plan" else ""), file=sys.stderr)
+    return True
+
+
 def _plan(values: dict[str, Any]) -> int:
     from .recipes.config import ConfigError, TrainConfig
     from .recipes.plan import parse_bytes, plan
 
     cfg = TrainConfig(**values)
+    if not _one_process("plan", values):
+        return 0
     if cfg.task == "retrieval":
         raise ConfigError("gradaccum plan measures the classification and language-model tasks, not --task "
                           "retrieval (a bi-encoder whose window is encoded twice); give its --micro-batch by hand")
@@ -169,6 +185,8 @@ def _verify(values: dict[str, Any]) -> int:
     from .recipes.config import ConfigError, TrainConfig
 
     cfg = TrainConfig(**values)
+    if not _one_process("verify", values):
+        return 0
     if cfg.task == "retrieval":
         raise ConfigError("gradaccum verify checks the classification and language-model tasks against their big "
                           "batch, not --task retrieval: its window negatives are checked by the project's tests, "

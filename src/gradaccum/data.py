@@ -13,10 +13,12 @@ A token budget also bounds memory by what actually runs out (tokens), not by a s
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from ._text import short
 
 __all__ = ["TokenBudgetSampler", "cut_by_tokens", "sequence_ids", "sequence_means"]
 
@@ -193,14 +195,33 @@ def sequence_ids(position_ids: Optional[torch.Tensor] = None, cu_seqlens: Option
     if (position_ids is None) == (cu_seqlens is None):
         raise ValueError("give either position_ids (restarting at 0 for each sequence) or cu_seqlens, not both or neither")
     if position_ids is not None:
-        pos = position_ids.reshape(-1)
+        pos = _integers(position_ids, "position_ids").reshape(-1)
+        if int(pos[0]) != 0:
+            raise ValueError(f"position_ids must start at 0 (each packed sequence restarts at 0, the row's first "
+                             f"included); the first is {int(pos[0])}. Pass the collator's position_ids unshifted")
         return torch.cumsum((pos == 0).long(), 0) - 1
     assert cu_seqlens is not None
-    bounds = cu_seqlens.reshape(-1).long()
+    bounds = _integers(cu_seqlens, "cu_seqlens").reshape(-1).long()
     n = int(length) if length is not None else int(bounds[-1])
     if bounds[0] != 0 or bool((bounds[1:] < bounds[:-1]).any()) or int(bounds[-1]) != n:
         raise ValueError(f"cu_seqlens must rise from 0 to the row's length {n}; got {bounds.tolist()}")
     return torch.bucketize(torch.arange(n, device=bounds.device), bounds[1:], right=True)
+
+
+def _integers(value: Any, name: str) -> torch.Tensor:
+    """``value`` as a non-empty integer tensor (a list of ints is taken too), or why not."""
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be a tensor (or list) of integers; got {type(value).__name__}") from None
+    if value.numel() == 0:
+        raise ValueError(f"{name} is empty: a packed row holds at least one token")
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        whole = value.is_floating_point() and bool((value == value.round()).all())
+        raise TypeError(f"{name} must be integers; got {value.dtype}"
+                        + (" (convert it with .long())" if whole else " with fractional values: they index tokens"))
+    return value
 
 
 def sequence_means(token_losses: torch.Tensor, seq_ids: torch.Tensor,
@@ -220,11 +241,20 @@ def sequence_means(token_losses: torch.Tensor, seq_ids: torch.Tensor,
         >>> means.tolist(), counted.tolist()
         ([3.0, 2.0], [True, True])
     """
+    if not isinstance(token_losses, torch.Tensor) or not token_losses.is_floating_point():
+        raise TypeError(f"token_losses must be a floating tensor of per-token losses; got {short(token_losses)}")
+    seq_ids = _integers(seq_ids, "seq_ids")
     flat, ids = token_losses.reshape(-1), seq_ids.reshape(-1)
     if flat.shape != ids.shape:
         raise ValueError(f"token_losses and seq_ids must have one entry per token; got {tuple(flat.shape)} and {tuple(ids.shape)}")
+    if mask is not None and tuple(mask.shape) not in (tuple(token_losses.shape), tuple(seq_ids.shape)):
+        # Flattening a mask of another shape would pair its entries with other rows' tokens.
+        raise ValueError(f"mask must have token_losses' shape {tuple(token_losses.shape)}; got {tuple(mask.shape)}")
     weight = torch.ones_like(flat) if mask is None else mask.reshape(-1).to(flat.dtype)
-    size = int(ids.max()) + 1 if ids.numel() else 0
+    lo, hi = (int(v) for v in ids.aminmax())
+    if lo < 0:
+        raise ValueError(f"seq_ids must be >= 0 (sequence numbers, from sequence_ids); got {lo}")
+    size = hi + 1
     sums = torch.zeros(size, dtype=flat.dtype, device=flat.device).index_add(0, ids, flat * weight)
     counts = torch.zeros(size, dtype=flat.dtype, device=flat.device).index_add(0, ids, weight)
     counted = counts > 0

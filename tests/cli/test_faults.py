@@ -386,6 +386,8 @@ def test_data_files_are_read_strictly_and_errors_name_the_line(tmp_path):
     lines = good.splitlines(keepends=True)
     lines[4] = '"review 4,bad\n'  # an unterminated quote: it would swallow the lines after it
     refused("open.csv", ("text,label\n" + "".join(lines)).encode(), "not a readable CSV|field\\(s\\) for 2 columns")
+    # An unterminated quote on the last lines: the error names the line it opens on (line 4), not the one before.
+    refused("end.csv", b'text,label\n"a",good\n"b",bad\n"c,bad\nd,good\n', "the row starting on line 4: .*never closed")
     refused("short.csv", ("text,label\n" + good + "lonely\n").encode(), "line 22 has 1 field\\(s\\) for 2 columns")
     refused("list.jsonl", b'{"text": "a", "label": "x"}\n{"text": ["b", "c"], "label": "y"}\n',
             "--text-field 'text' on line 2 is a list")
@@ -494,3 +496,45 @@ def test_options_without_effect_get_a_notice_and_yaml_numbers_as_text_say_why(tm
     config.write_text("lr: 5e-5\n")
     assert main(["train", "--config", str(config)]) == 2
     assert "got '5e-5' (text, not a number: YAML reads 5e-5 without a dot as text; write 5.0e-5" in capsys.readouterr().err
+
+
+def test_plan_checks_the_budget_before_measuring_and_a_cpu_allocation_failure_is_out_of_memory(capsys, monkeypatch):
+    import gradaccum.recipes.plan as plan_module
+
+    tiny = ["--task", "lm", "--effective-batch", "4", "--max-length", "16", "--train-limit", "16", "--eval-limit", "4"]
+    assert main(["plan", *tiny, "--memory-budget", "64KiB"]) == 2
+    assert "less than the model's own weights and gradient" in capsys.readouterr().err
+    # The CPU allocator raises a plain RuntimeError: at 4 rows it is the budget's end, not a traceback.
+    real = plan_module.measure
+
+    def measure(step, size, device, base, repeats=2):
+        if size >= 4:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes")
+        return real(step, size, device, base, repeats)
+
+    monkeypatch.setattr(plan_module, "measure", measure)
+    assert main(["plan", *tiny, "--memory-budget", "8GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "micro-batch    4: out of memory" in out and "recommended: --micro-batch 2" in out
+
+
+def test_plan_and_verify_run_in_one_process_and_say_what_shard_does_not_do(capsys, monkeypatch):
+    tiny = ["--task", "lm", "--effective-batch", "4", "--micro-batch", "2", "--max-length", "16", "--train-limit", "16"]
+    assert main(["verify", *tiny, "--shard", "zero2"]) == 0
+    captured = capsys.readouterr()
+    assert "--shard has no effect here" in captured.err and "eval(): exact" in captured.out
+    # Under torchrun only rank 0 measures; the others print nothing and end.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["plan", *tiny]) == 0 and main(["verify", *tiny]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    # One micro-batch is the big batch itself: nothing to compare, said so.
+    assert main(["verify", *tiny, "--micro-batch", "4"]) == 2
+    assert "there is nothing to compare" in capsys.readouterr().err
+    import gradaccum
+
+    with pytest.raises(ValueError, match="steps >= 2"):
+        gradaccum.verify(torch.nn.Linear(2, 1), lambda b: b.sum(), torch.ones(4, 2), steps=1)

@@ -116,3 +116,25 @@ def test_packed_sequence_means_across_ranks_equal_the_unpacked_big_batch(tmp_pat
         want = unpacked_reference(init, seqs)
         for r in results:
             assert rel_error(r["seen"][w], want) < 1e-5
+
+
+def test_sequence_ids_and_means_refuse_what_would_mix_or_lose_tokens():
+    from gradaccum.data import sequence_ids, sequence_means
+
+    with pytest.raises(ValueError, match="must start at 0"):
+        sequence_ids(position_ids=torch.tensor([1, 2, 0, 1]))
+    with pytest.raises(TypeError, match="fractional"):
+        sequence_ids(cu_seqlens=torch.tensor([0.0, 2.5, 4.0]), length=4)
+    with pytest.raises(ValueError, match="is empty"):
+        sequence_ids(position_ids=torch.tensor([], dtype=torch.long))
+    with pytest.raises(TypeError, match="integers"):
+        sequence_ids(position_ids=torch.tensor([0.0, 1.0]))
+    assert sequence_ids(position_ids=[0, 1, 0]).tolist() == [0, 0, 1]  # a list of ints is fine
+    losses = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    ids = sequence_ids(position_ids=torch.tensor([[0, 1, 2], [0, 1, 0]]))
+    with pytest.raises(ValueError, match="mask must have token_losses' shape"):
+        sequence_means(losses, ids, mask=torch.ones(3, 2))  # as many entries, other rows: mixed
+    with pytest.raises(ValueError, match=">= 0"):
+        sequence_means(losses.reshape(-1), torch.tensor([-1, 0, 0, 1, 1, 2]))
+    with pytest.raises(TypeError, match="floating tensor"):
+        sequence_means([1.0, 2.0], torch.tensor([0, 0]))

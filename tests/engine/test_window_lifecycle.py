@@ -355,3 +355,36 @@ def test_forward_backward_says_what_loss_fn_must_return():
             assert all(p.grad is None for p in model.parameters())
             window.forward_backward(batch, lambda b: (F.cross_entropy(model(b[0]), b[1]), len(b[1])))
         assert not window.step().skipped
+
+
+@pytest.mark.parametrize("terms", [False, True])
+def test_no_counts_path_builds_a_tensor_from_host_numbers_per_window(monkeypatch, terms):
+    # On an accelerator, torch.tensor([python numbers], device=...) copies from pageable host
+    # memory and waits for the device: a second host sync per step. On the CPU that cannot be
+    # timed, so every such call from the engine is counted instead, window after window.
+    import sys
+
+    made = []
+    for name in ("tensor", "as_tensor"):
+        real = getattr(torch, name)
+
+        def wrapped(*a, _real=real, _name=name, **kw):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("gradaccum"):
+                made.append((_name, caller))
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(torch, name, wrapped)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = gradaccum.Accumulator(model, opt, steps=2, device_counts=True, terms={"ce": len} if terms else None)
+    per_window = []
+    for window in acc.windows(xy(8)):
+        start = len(made)
+        for x, y in window:
+            loss, n = F.cross_entropy(model(x), y), torch.tensor(float(len(y)))
+            window.backward({"ce": (loss, n)} if terms else loss, num_items=None if terms else n)
+        window.step()
+        per_window.append(made[start:])
+    monkeypatch.undo()
+    assert all(not calls for calls in per_window[1:]), per_window

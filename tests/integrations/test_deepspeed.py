@@ -143,6 +143,7 @@ def test_what_cannot_hold_is_refused_with_the_reason(tmp_path):
         assert "deepspeed.initialize returned" in r["optimizer"]
         assert "window.encode() under DeepSpeed ZeRO-2" in r["encode"]
         assert "Use window.step()" in r["finish"]
+        assert "holds another Accumulator's open window" in r["second"]
         assert not r["report"].skipped and r["report"].step == 1
         # A config's accumulation steps change nothing here: one notice says so.
         assert len(r["notices"]) == 1 and "does not set the boundary here" in r["notices"][0]

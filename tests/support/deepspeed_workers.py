@@ -168,13 +168,18 @@ def refusals(rank, world):
     out["notices"] = [str(w.message) for w in caught if "gradient_accumulation_steps" in str(w.message)]
     acc = gradaccum.Accumulator(engine, optimizer, steps=2, max_grad_norm=1.0)  # the same norm: accepted
     for window in acc.windows(micro_batches([2, 2], seed=rank)):
-        for batch in window:
+        for i, batch in enumerate(window):
             try:
                 window.encode(lambda b: engine(b[0][None]), batch)
             except NotImplementedError as exc:
                 out["encode"] = str(exc)
             loss, n = lm_mean_loss(engine, batch)
             window.backward(loss, num_items=n)
+            if i == 0:  # a second Accumulator on the engine while this one's window is half done
+                try:
+                    gradaccum.Accumulator(engine, optimizer, steps=2, max_grad_norm=1.0)
+                except RuntimeError as exc:
+                    out["second"] = str(exc)
         try:
             window.finish()
         except RuntimeError as exc:

@@ -305,12 +305,7 @@ class Accumulator(Parts):
                     f"{self._plan[:1]}: resume the sampler where the checkpoint was taken "
                     "(sampler.set_epoch(epoch, start=micro-batches consumed in that epoch))"
                 )
-        local = self.window_counts(k)
-        counts = self.parallel.all_sum(rank_vector(self.parallel.world, self.parallel.rank, local[0]) + local[1:])
-        counts = counts if isinstance(counts, list) else counts.tolist()
-        self.planner.target = self.agree(counts[:self.parallel.world])
-        if not pending:  # a loaded window keeps the totals it was saved with
-            self.rule.open(counts[self.parallel.world:])
+        self._count_window(k, open_totals=not pending)  # a loaded window keeps the totals it was saved with
         while self.planner.target > 0 or pending:
             if st.planned == 0:
                 # Planned micro-batches set the provisional weights: the same number on every rank.
@@ -326,6 +321,24 @@ class Accumulator(Parts):
                     "the window's micro-batches, or its gradients would leak into the next update"
                 )
             self._pass_window += 1
+            failed = window.read.get("ahead_failed", [0.0])[0] if window.read else 0.0
+            if failed or self.ahead_error is not None:
+                self.raise_ahead_error(failed)  # the window it belongs to cannot open
+            if not self.reads_ahead:  # one process: the next window is drawn now, after the update
+                self._count_window(self.planned_ahead(0), open_totals=True)
+
+    def _count_window(self, k: int, open_totals: bool) -> None:
+        """Plan the window about to open: every rank's micro-batches (up to ``k``), agreed, and
+        what the rule counts of them ahead (one small all-reduce across ranks)."""
+        local = self.window_counts(k)
+        counts = self.parallel.all_sum(rank_vector(self.parallel.world, self.parallel.rank, local[0]) + local[1:])
+        counts = counts if isinstance(counts, list) else counts.tolist()
+        world = self.parallel.world
+        if counts[-1] or self.ahead_error is not None:
+            self.raise_ahead_error(counts[-1])
+        self.planner.target = self.agree(counts[:world])
+        if open_totals:
+            self.rule.open(counts[world:-1])
 
     # -- checkpointing ----------------------------------------------------------------
 

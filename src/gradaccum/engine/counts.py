@@ -69,7 +69,7 @@ class DeviceCounts(HostCounts):
         self.t = torch.tensor([float(items), float(loss_sum), 0.0], dtype=torch.float64, device=self.device)
 
     def items(self, num_items: Any) -> tuple[Number, bool]:
-        if isinstance(num_items, torch.Tensor) and num_items.numel() == 1:
+        if isinstance(num_items, torch.Tensor) and num_items.numel() == 1 and not num_items.is_meta:
             _weights.micro_batch_items(1, self.state.weighted)  # the mixing check, on the host
             n = num_items.detach().reshape(()).to(device=self.device, dtype=torch.float64)
             # Checked at the step, with everything else read there: a count must be > 0.

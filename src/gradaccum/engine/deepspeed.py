@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from typing import Any, ContextManager, Iterator, Optional
 
 import torch
@@ -53,6 +54,7 @@ class DeepSpeed(Collective):
     def __init__(self, engine: Any):
         super().__init__(engine)
         self.engine: Any = engine
+        self._refuse_if_open("an Accumulator (or integration) built on it now")
         self.stage = int(engine.zero_optimization_stage())
         self.name = f"DeepSpeed ZeRO-{self.stage}"
         self.managed = bool(engine.managed_gradient_accumulation())
@@ -110,7 +112,20 @@ class DeepSpeed(Collective):
     def skip_sync(self) -> ContextManager[None]:
         return self._not_boundary() if self.managed else contextlib.nullcontext()
 
+    def _refuse_if_open(self, what: str) -> None:
+        """The engine's partial gradients belong to one window: another adapter's open window
+        on the same engine would be absorbed into this one's update."""
+        owner = getattr(self.engine, "_gradaccum_window", None)
+        other = owner() if owner is not None else None
+        if other is not None and other is not self:
+            raise RuntimeError(
+                f"this DeepSpeed engine holds another Accumulator's open window (its micro-batches' gradients are "
+                f"inside the engine), and {what} would take them into its own update. Finish that window "
+                "(window.step()) before, or drive one engine with one Accumulator")
+
     def begin_window(self) -> None:
+        self._refuse_if_open("a window opening on another Accumulator")
+        self.engine._gradaccum_window = weakref.ref(self)
         if self.managed:
             self.engine.set_gradient_accumulation_boundary(True)  # a window of one micro-batch
         if self.coalesce and self._window is None:
@@ -144,8 +159,14 @@ class DeepSpeed(Collective):
             self._own_stores = Stores([] if self.owns_gradients else [DenseStore(params, list(range(len(params))))])
         self.finalize(self._own_stores, scale)
 
+    def _end_owner(self) -> None:
+        owner = getattr(self.engine, "_gradaccum_window", None)
+        if owner is not None and owner() is self:
+            self.engine._gradaccum_window = None
+
     def update(self, optimizer: Any) -> Optional[tuple[float, bool]]:
         engine = self.engine
+        self._end_owner()
         if self.managed:
             engine.set_gradient_accumulation_boundary(True)
         engine.step()
@@ -162,6 +183,7 @@ class DeepSpeed(Collective):
             self.engine.optimizer.override_loss_scale(1.0)
 
     def abandon(self) -> None:
+        self._end_owner()
         self._end_window()
         self.reset_scale()
         if self.owns_gradients:

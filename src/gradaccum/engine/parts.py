@@ -54,6 +54,7 @@ class Parts:
     _pass_window: int
     _last_seed: Optional[torch.Tensor]
     _last_weight: Any
+    ahead_error: Optional[Exception] = None  # a counter's error while counting the next window
 
     def planned_ahead(self, ahead: int) -> int:
         """This rank's planned micro-batches for the window ``ahead`` windows after the open one."""
@@ -62,11 +63,33 @@ class Parts:
         i = self._pass_window + ahead
         return self._plan[i] if i < len(self._plan) else 0
 
+    @property
+    def reads_ahead(self) -> bool:
+        """Whether the next window's micro-batches are drawn during this window's step, before
+        the update: across ranks (every rank must know how many each has, in the step's one
+        collective) and for a rule that counts them ahead. In one process otherwise, a window's
+        micro-batches are drawn when it opens, after the previous update."""
+        return self.parallel.world > 1 or bool(self.rule.ahead_fields)
+
     def window_counts(self, k: int) -> list[float]:
         """This rank's micro-batches (up to ``k``) for the next window, then what the rule
-        counts of them ahead: one vector, summed over ranks at the step."""
+        counts of them ahead, then 1.0 if counting failed (the error is kept for the window
+        it belongs to: ``ahead_error``): one vector, summed over ranks at the step."""
         counts = self.planner.local_count(k)
-        return [counts] + self.rule.count_ahead(self.planner.held())
+        try:
+            return [counts] + self.rule.count_ahead(self.planner.held()) + [0.0]
+        except Exception as exc:
+            self.ahead_error = exc
+            return [counts] + [0.0] * sum(size for _, size in self.rule.ahead_fields) + [1.0]
+
+    def raise_ahead_error(self, failed: float) -> None:
+        """The next window cannot open: a counter failed on this rank (its error) or another."""
+        error, self.ahead_error = self.ahead_error, None
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError("a term's counter failed on another rank while counting the next window: "
+                               "see that rank's error; no rank opens the window")
 
     def agree(self, counts: list[float]) -> int:
         """The next window's micro-batch count, the same on every rank."""
@@ -84,8 +107,10 @@ class Parts:
     def skip_sync(self) -> contextlib.AbstractContextManager:
         return self.parallel.skip_sync() if self.sync_control else contextlib.nullcontext()
 
-    def abandon(self, window: "WindowState") -> None:
-        """Drop the open window without an update (after an error at its step)."""
+    def abandon(self, window: "WindowState", read: Optional[dict[str, list[float]]] = None) -> None:
+        """Drop the open window without an update (after an error at its step). With the
+        step's numbers (``read``) the next window is planned as usual, so a caller that goes
+        on gets the rest of its data."""
         self.parallel.abandon()
         self.optimizer.zero_grad(set_to_none=True)
         self.stores.clear()
@@ -93,6 +118,9 @@ class Parts:
         window.rule.clear()
         window.closed = True
         self.planner.target = 0
+        if read is not None:
+            self.rule.open([v for name, _ in self.rule.ahead_fields for v in read[name]])
+            self.planner.target = self.agree(read["counts"])
 
 
 class WindowState:

@@ -42,9 +42,12 @@ def _packet(acc: Parts, window: WindowState, has_grad: bool) -> Packet:
     (micro-batches, "has a gradient", each rank's micro-batches for the next window and what
     the accumulator's rule counts of it ahead)."""
     st, dp = acc.state, acc.parallel
-    ahead = acc.window_counts(acc.planned_ahead(1))
+    # The next window's micro-batches, drawn now where the step must know them (reads_ahead);
+    # in one process otherwise they are drawn when it opens, after this window's update.
+    ahead = acc.window_counts(acc.planned_ahead(1)) if acc.reads_ahead else [0.0, 0.0]
     host = [float(st.micro_batches), float(has_grad)] + rank_vector(dp.world, dp.rank, ahead[0]) + ahead[1:]
-    host_layout = [("micro_batches", 1), ("with_grad", 1), ("counts", dp.world)] + list(acc.rule.ahead_fields)
+    host_layout = ([("micro_batches", 1), ("with_grad", 1), ("counts", dp.world)] + list(acc.rule.ahead_fields)
+                   + [("ahead_failed", 1)])
     return Packet(window.rule.fields, host_layout, window.rule.sums(acc), host, dp.all_sum, dp.world)
 
 
@@ -78,7 +81,7 @@ def finish(acc: Parts, window: WindowState) -> StepReport:
         rule.check(read)
         stores.check(read["checks"])
     except Exception:
-        acc.abandon(window)
+        acc.abandon(window, read)  # not applied; the caller may go on with the next window
         raise
     lr = acc.optimizer.param_groups[0].get("lr") if acc.optimizer.param_groups else None
     norm = read["norm"][0]
@@ -129,4 +132,4 @@ def close(acc: Parts, window: WindowState) -> None:
     window.closed = True
     read = window.read
     acc.rule.open([v for name, _ in acc.rule.ahead_fields for v in read[name]])
-    acc.planner.target = acc.agree(read["counts"])
+    acc.planner.target = acc.agree(read["counts"]) if acc.reads_ahead else 0

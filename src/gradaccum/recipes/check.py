@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .._verify import VerifyReport, verify
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import Batcher, resolve_device
 from .model import prepare
 
@@ -42,6 +42,11 @@ def verify_config(cfg: TrainConfig) -> dict[str, VerifyReport]:
             return model(**b).loss
 
     steps = min(cfg.steps_per_window, len(ids))
+    if steps < 2:
+        raise ConfigError(
+            f"gradaccum verify splits the first effective batch into k micro-batches, and here k = {steps} "
+            f"(--effective-batch {cfg.effective_batch}, --micro-batch {cfg.micro_batch}, {len(ids)} example(s)): one "
+            "micro-batch is the big batch itself, so there is nothing to compare. Give a smaller --micro-batch")
     out = {}
     for mode in ("train", "eval"):
         model.train(mode == "train")

@@ -142,12 +142,12 @@ def _read_table(path: Path, cfg: TrainConfig) -> list[dict[str, str]]:
         # strict: a stray quote is an error, not a field that runs on into the next lines.
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",",
                                 strict=True)
+        start = 2
         try:
             header = reader.fieldnames or []
             twice = sorted({c for c in header if header.count(c) > 1})
             if twice:
                 raise ConfigError(f"--data {path}: the header has the column {short(twice[0])} twice; rename one")
-            start = 2
             for row in reader:
                 if None in row or None in row.values():  # more or fewer fields than the header
                     raise ConfigError(
@@ -159,7 +159,11 @@ def _read_table(path: Path, cfg: TrainConfig) -> list[dict[str, str]]:
                 lines.append(start)
                 start = reader.line_num + 1
         except csv.Error as exc:
-            raise ConfigError(f"--data {path}: not a readable CSV/TSV file: line {reader.line_num}: {exc}") from None
+            # Name the line where the broken row starts: the reader has counted the lines it
+            # joined looking for a closing quote, which lands before or past it.
+            hint = " (a quote opened there is never closed)" if "end of data" in str(exc) else ""
+            raise ConfigError(f"--data {path}: not a readable CSV/TSV file: the row starting on line {start}: "
+                              f"{exc}{hint}") from None
     if len(rows) < 2:
         raise ConfigError(f"--data {path}: needs at least 2 rows; found {len(rows)}")
     needed = [("--text-field", cfg.text_field)] + ([] if cfg.task == "lm" else [("--label-field", cfg.label_field)])

@@ -84,6 +84,17 @@ def measure(step: Callable[[int], None], size: int, device: torch.device, base: 
     return max(0, peak - base), sorted(times)[len(times) // 2]
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: CUDA raises ``torch.OutOfMemoryError``, the
+    CPU allocator a plain ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory").
+
+    >>> out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"))
+    True
+    """
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
 SHARD_ORDER = ("ddp", "zero1", "zero2", "fsdp2", "zero3")  # least communication first
 
 
@@ -142,14 +153,25 @@ def plan(cfg: TrainConfig, budget: Optional[int] = None, log: Callable[[str], No
         model.zero_grad(set_to_none=True)
         del out
 
+    params = sum(p.numel() for p in model.parameters())
+    state = sum(p.numel() * p.element_size() for p in model.parameters()) + params * 4  # weights and their gradient
+    if state > budget:
+        raise ConfigError(
+            f"--memory-budget {budget / 2**20:.0f} MiB is less than the model's own weights and gradient "
+            f"({state / 2**20:.0f} MiB), before any activation: no micro-batch can fit. Raise --memory-budget "
+            "(or leave it out: the device's free memory), or shard the model over ranks (--shard)")
     trials = []
     base = baseline(device)
     log(f"plan: effective batch {E}, budget {budget / 2**30:.2f} GiB on {device}; measuring on the longest examples")
     for size in sizes:
         try:
             peak, seconds = measure(step, size, device, base)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not out_of_memory(exc):
+                raise
+            model.zero_grad(set_to_none=True)
             trials.append(Trial(size, -1, math.inf, False))
+            log(f"  micro-batch {size:>4}: out of memory")
             break
         trial = Trial(size, peak, seconds, peak <= budget)
         trials.append(trial)
@@ -172,10 +194,14 @@ def plan(cfg: TrainConfig, budget: Optional[int] = None, log: Callable[[str], No
     while rows > 1 and rows * len(ids[index[0]]) > tokens:
         rows -= 1
         index = index[1:]
-    short_peak, _ = measure(lambda n: step(n, index), rows, device, base)
+    try:
+        short_peak, _ = measure(lambda n: step(n, index), rows, device, base)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        short_peak = -1
     log(f"recommended: --micro-batch {best.micro_batch} (k = {k}), {best.samples_per_second:.1f} samples/s, "
         f"peak {best.peak_bytes / 2**20:.1f} MiB")
-    params = sum(p.numel() for p in model.parameters())
     # The measured peak holds one whole gradient beside the activations: each mode's own
     # gradient share is in shard_bytes instead.
     activations = max(0, best.peak_bytes - params * 4)
@@ -187,6 +213,7 @@ def plan(cfg: TrainConfig, budget: Optional[int] = None, log: Callable[[str], No
             f"{m} {(shard_bytes(m, params, world) + activations) / 2**20:.0f} MiB" for m in SHARD_ORDER)
             + f" per rank -> {fits[0] if fits else 'none fits: lower --micro-batch or --max-length'}")
     log(f"recommended token budget (--batching tokens): --max-tokens {tokens} ({best.micro_batch} x {width} tokens); "
-        f"{rows} of the shortest texts under it peak at {short_peak / 2**20:.1f} MiB")
+        + (f"{rows} of the shortest texts under it peak at {short_peak / 2**20:.1f} MiB" if short_peak >= 0
+           else f"{rows} of the shortest texts under it ran out of memory: lower --max-tokens"))
     return {"micro_batch": best.micro_batch, "k": k, "max_tokens": tokens, "budget_bytes": budget, "shard": shards,
             "short_rows_peak_bytes": short_peak, "trials": [dataclasses.asdict(t) for t in trials]}
