@@ -43,6 +43,8 @@ class Mean(Rule):
         self.term: Optional[str] = None
 
     def for_loss(self, acc: "Parts", window: "WindowState", loss: Any) -> Rule:
+        if type(loss) is torch.Tensor:  # the common case first: an isinstance on Mapping costs microseconds
+            return self
         # Several terms, or a second term's one-term mapping in the window: no one denominator.
         if isinstance(loss, Mapping) and self.several is not None and (
                 len(loss) > 1 or (self.term is not None and next(iter(loss), self.term) != self.term)):
@@ -50,20 +52,24 @@ class Mean(Rule):
         return self
 
     def backward(self, acc: "Parts", window: "WindowState", loss: Any, num_items: Any, batch: Any) -> None:
-        if isinstance(loss, Mapping):
+        if type(loss) is torch.Tensor:
+            self.plain = True
+        elif isinstance(loss, Mapping):
             self.term = next(iter(loss))
             loss, num_items = one_term(loss, num_items)  # one denominator: the boundary scale fixes it
         else:
             self.plain = True
         loss = check_loss(loss)
-        check_autocast(acc, 5)  # pointing at the caller of window.backward
+        if acc.autocast_dtype is not None:
+            check_autocast(acc, 5)  # pointing at the caller of window.backward
         self.add(acc, loss, num_items)
 
     def add(self, acc: "Parts", loss: torch.Tensor, num_items: Any) -> None:
         """Backpropagate a checked mean ``loss`` with its provisional weight and count it."""
         st = acc.state
         n, weighted = self.counts.items(num_items)
-        self.reference(acc, n)
+        if st.reference is None or st.micro_batches == 0:
+            self.reference(acc, n)
         assert st.reference is not None
         weighted_backward(acc, loss, _weights.provisional_weight(n, st.reference, st.planned))
         st.weighted = weighted
