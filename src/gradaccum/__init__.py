@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from . import nn
     from ._lr import scale_lr
     from ._state import AccumulatorState, StepReport
+    from ._end import end_rank
     from ._verify import VerifyReport, verify
     from .engine import Accumulator, Window
 
@@ -24,7 +25,7 @@ _WHERE = {
     "Accumulator": ".engine", "Window": ".engine",
     "AccumulatorState": "._state", "StepReport": "._state",
     "VerifyReport": "._verify", "verify": "._verify",
-    "scale_lr": "._lr", "nn": None,
+    "scale_lr": "._lr", "nn": None, "end_rank": "._end",
 }
 
 __all__ = sorted(_WHERE)

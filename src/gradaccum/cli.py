@@ -93,10 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``gradaccum`` console script and of ``python -m gradaccum``.
 
+    A torchrun worker that ran a training job ends its process here, once everything is
+    written (:func:`gradaccum.end_rank`): a finished job exits 0 on every rank.
+
     Example:
         >>> main(["train", "--epochs", "1", "--train-limit", "64"])  # doctest: +SKIP
         0
     """
+    code = _main(argv)
+    run = sys.modules.get("gradaccum.recipes.run")
+    if run is not None and getattr(run, "STARTED", {}).get("process_group"):
+        from ._end import end_rank
+
+        end_rank(code)
+    return code
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         parser = build_parser()
         args = vars(parser.parse_args(argv))

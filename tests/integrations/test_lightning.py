@@ -181,27 +181,3 @@ def test_deepspeed_strategy_equals_the_big_batch_and_stock_does_not(tmp_path, st
         (tmp_path / "stock").mkdir()
         stock = dist_workers.spawn(deepspeed_workers.lightning, 1, tmp_path / "stock", stage, False)[0]
         assert rel_error([a - b for a, b in zip(stock["after"], stock["before"])], want) > 0.5  # 0.775 measured
-
-
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDP strategy needs CUDA")
-
-
-@gpu
-def test_fsdp_strategy_on_a_gpu_equals_the_big_batch():
-    # FSDPStrategy keeps each parameter's gradient (sharded over one GPU: whole) in .grad
-    # with use_orig_params=True; the callback's scale is one number, so it is exact as under DDP.
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    sizes = [3, 5, 2, 4, 6, 1, 3, 4, 5, 2]
-    data = micro_batches(sizes, seed=5)
-    torch.manual_seed(0)
-    net = TinyLM()
-    module = Module(copy.deepcopy(net))
-    trainer = pl.Trainer(accelerator="cuda", devices=1, strategy=FSDPStrategy(use_orig_params=True), max_epochs=1,
-                         accumulate_grad_batches=4, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[ExactAccumulation()])
-    trainer.fit(module, torch.utils.data.DataLoader([[s.cuda() for s in mb] for mb in data], batch_size=None))
-    assert len(module.opt.seen) == 3
-    for w, got in enumerate(module.opt.seen):
-        want = big_batch_lm_grads(net, data[4 * w: 4 * w + 4])
-        assert rel_error([g.cpu() for g in got], want) < 1e-5

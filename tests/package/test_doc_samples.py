@@ -222,7 +222,7 @@ loader = [dict(zip(("ids", "mask"), pad(seqs))) for seqs in micro_batches([2, 3,
 count = lambda batch: int(batch["mask"][:, 1:].sum())
 '''
     script = tmp_path / "page.py"
-    script.write_text(prelude + blocks("docs/distributed.md")[0] + "\ndist.destroy_process_group()\n")
+    script.write_text(prelude + blocks("docs/distributed.md")[0])
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(script)], capture_output=True, text=True, env=launch.env(), timeout=240, cwd=tmp_path)
     assert launch.finished(proc), proc.stderr[-3000:]

@@ -50,7 +50,7 @@ def _entry(rank, world, store, results, fn, args):
     # work (or a DDP reducer) alive can abort the process at exit.
     gc.collect()
     dist.barrier()
-    dist.destroy_process_group()
+    gradaccum.end_rank()  # exit 0 once written (a finished rank can abort in gloo's teardown)
 
 
 def exact_lm(rank, world, wrap, per_rank_micro_batches, steps, sync_every=False):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import datasets
 import trl
 
+import gradaccum
 from gradaccum.transformers import ExactAccumulationMixin
 from support.grpo_cells import VOCAB, Recorder, gpt2, tokenizer
 
@@ -94,3 +95,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    gradaccum.end_rank()  # exit 0 once written (a finished rank can abort in gloo's teardown)

@@ -62,4 +62,4 @@ if rank == 0:
     torch.save({"weights": weights, "attempt": attempt,
                 "parts": acc.state.parts, "steps": acc.state.optimizer_step}, os.path.join(ckdir, "final.pt"))
 dist.barrier()
-dist.destroy_process_group()
+gradaccum.end_rank()  # exit 0 once written (a finished rank can abort in gloo's teardown)

@@ -20,6 +20,7 @@ import transformers
 import datasets
 import tokenizers
 
+import gradaccum
 from gradaccum.transformers import ExactAccumulationMixin
 
 VOCAB = 40
@@ -182,3 +183,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    gradaccum.end_rank()  # exit 0 once written (a finished rank can abort in gloo's teardown)

@@ -62,11 +62,12 @@ def pad_collator(causal: bool):
     return collate
 
 
-def train(trainer_cls, model, data, collate, tmp_path, batch, k, max_grad_norm=1.0, own_mean=False, **extra):
-    args = transformers.TrainingArguments(**extra,
+def train(trainer_cls, model, data, collate, tmp_path, batch, k, max_grad_norm=1.0, own_mean=False, use_cpu=True,
+          **extra):
+    args = transformers.TrainingArguments(**extra, use_cpu=use_cpu,
         output_dir=str(tmp_path / f"{trainer_cls.__module__}-{batch}x{k}"), per_device_train_batch_size=batch,
         gradient_accumulation_steps=k, num_train_epochs=1, learning_rate=5e-3, max_grad_norm=max_grad_norm,
-        seed=7, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+        seed=7, report_to=[], save_strategy="no", logging_strategy="no",
         dataloader_num_workers=0, disable_tqdm=True,
     )
     trainer = trainer_cls(model=model, args=args, train_dataset=data, data_collator=collate)

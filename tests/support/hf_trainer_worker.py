@@ -15,6 +15,7 @@ import torch
 
 from support.hf import gpt2_lm, pad_collator, train, variable_length_rows
 
+import gradaccum
 from gradaccum.transformers import ExactAccumulationMixin, Trainer
 
 
@@ -82,5 +83,5 @@ if __name__ == "__main__":
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if torch.distributed.get_rank() == 0:
         torch.save(state, out)
-    torch.distributed.barrier()  # tear down together (see dist_workers._entry)
-    torch.distributed.destroy_process_group()
+    torch.distributed.barrier()  # every rank's work is done: end together, exit 0
+    gradaccum.end_rank()

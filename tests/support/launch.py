@@ -1,19 +1,13 @@
-"""What a torchrun launch in these tests counts as finished.
+"""Launching the tests' child processes, and what counts as a finished launch: exit code 0.
 
-On these CPU machines (torch 2.13, gloo, 2 processes) a rank that has done all its work
-sometimes aborts in C++ teardown after Python has finished ("terminate called without an
-active exception", SIGABRT; measured about 1 run in 10 for DeepSpeed's 2-rank loop, with or
-without gradaccum and with ``destroy_process_group``), and torchrun then reports the job
-failed and stops the other rank. Such a launch counts as finished only when that abort is
-the whole failure: every failed rank ended by SIGABRT or by torchrun's SIGTERM, none by an
-exception. The tests then check every output the run had to write, so a run that did not
-finish its work still fails.
+A rank that has done all its work can abort in gloo's teardown on torch 2.13 ("terminate
+called without an active exception"; ``gradaccum/_end.py`` says why). Every worker here, the
+CLI and the docs' scripts end through ``gradaccum.end_rank``, so such an abort is a failure.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 from pathlib import Path
 
@@ -26,12 +20,11 @@ def env(**extra: str) -> dict:
     path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
+
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def finished(proc: subprocess.CompletedProcess) -> bool:
-    if proc.returncode == 0:
-        return True
-    stderr = proc.stderr or ""
-    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", stderr)
-    return TEARDOWN_ABORT in stderr and bool(codes) and set(codes) <= {"-6", "-15"}
+    """A launch that finished: exit code 0 (every rank ends through ``gradaccum.end_rank``;
+    a teardown abort after the work, ``TEARDOWN_ABORT``, is a failure too)."""
+    return proc.returncode == 0

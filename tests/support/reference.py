@@ -45,8 +45,9 @@ def micro_batches(sizes: list[int], seed: int) -> list[list[torch.Tensor]]:
 
 def pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T)
+    device = seqs[0].device  # on the sequences' device: a GPU run pads on the GPU
+    ids = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
+    mask = torch.zeros(len(seqs), T, device=device)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = s
         mask[i, : len(s)] = 1

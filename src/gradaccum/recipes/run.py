@@ -190,6 +190,9 @@ def terminable() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+STARTED = {"process_group": False}  # whether this process set up a process group (then the CLI ends it, see _end.py)
+
+
 def init_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device, Any]:
     """Rank, world size, device and a CPU group for control messages; under torchrun, also
     the process group (gloo on CPU, NCCL on GPU)."""
@@ -204,6 +207,7 @@ def init_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device, Any]:
     with terminable():
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            STARTED["process_group"] = True
         control = torch.distributed.new_group(backend="gloo") if device.type == "cuda" else None
     return torch.distributed.get_rank(), world, device, control
 
