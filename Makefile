@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 MS_VENV ?= .venv-ms
 MINDSPORE ?= mindspore==2.10.0
 
-.PHONY: setup setup-mindspore train test test-torch test-mindspore bench
+.PHONY: setup setup-mindspore train test test-torch test-mindspore bench gpu
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,8 @@ test-mindspore: setup-mindspore
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
+
+# On a machine with a CUDA GPU: the CUDA-only tests and the GPU benchmark, one summary, < 8 min.
+gpu: setup
+	$(BIN)/python benchmarks/gpu_suite.py
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import typing
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
@@ -10,7 +11,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
-from . import _trl
+from . import _router, _trl
 from .._items import KINDS, count_items
 from .._weights import share
 from ..engine.rules.base import first_mean
@@ -106,6 +107,8 @@ class ExactAccumulationMixin(_TrainerBase):
         self._term_counts: dict[int, list[float]] = {}  # per micro-batch of the window: each term's items
         self._term_totals: list[float] = []  # each term's items in the window, all ranks
         self._weighed = False  # whether compute_loss weighed the micro-batch's loss
+        self._routing: Optional[_router.WindowRouting] = None  # an MoE model's router loss (see _router.py)
+        self._routing_known = False
         self._items = items
         self._count: Optional[Callable[[Mapping[str, Any]], int]] = None  # known once training starts
         self._weights: Optional[dict[int, float]] = None
@@ -158,6 +161,11 @@ class ExactAccumulationMixin(_TrainerBase):
         self._term_counts = {id(b): c for b, c in zip(batches, per_term)}
         self._term_totals = totals[1:]
         self._window_items, self._world = total, world
+        if not self._routing_known:
+            found = _router.spec(self)
+            self._routing, self._routing_known = (_router.WindowRouting(*found) if found else None), True
+        if self._routing is not None:  # the window's routing, counted before its first backward
+            self._routing.count(self, batches, world)
         # None: nothing downstream may normalise by a window total the model may ignore.
         return batches, None
 
@@ -196,8 +204,10 @@ class ExactAccumulationMixin(_TrainerBase):
             return (loss, outputs) if kwargs.get("return_outputs") else loss
 
         self.compute_loss = compute_loss  # type: ignore[method-assign]
+        replay = self._routing.replay(inputs, self.args.device) if self._routing is not None else contextlib.nullcontext()
         try:
-            return super().training_step(model, inputs, None)
+            with replay:  # an MoE model routes as in its counting forward
+                return super().training_step(model, inputs, None)
         finally:
             del self.compute_loss
             self._weight = None
@@ -236,6 +246,10 @@ class ExactAccumulationMixin(_TrainerBase):
         if self._weight is None:  # evaluation, prediction, or the stock step
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         self._weighed = True
+        if self._routing is not None:  # the model's mean at its share, its router loss at the window's
+            mean, routed = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
+            exact = self._routing.exact(mean, routed, inputs, typing.cast(float, self._weight), self._world)
+            return (exact, routed) if return_outputs else exact
         user_loss = self.compute_loss_func
         divides: list[bool] = []
         if user_loss is not None:
@@ -265,6 +279,18 @@ class ExactAccumulationMixin(_TrainerBase):
         else:
             loss = loss * typing.cast(float, self._weight)  # a mean over this micro-batch: weigh it by its share
         return (loss, outputs) if return_outputs else loss
+
+    @property
+    def tokens_per_expert(self) -> Optional[list[float]]:
+        """An MoE model's top-k assignments per expert in the last window, all layers and ranks
+        (None before one closes, or for a model without a router loss): for balancing by expert
+        bias instead of a loss.
+
+        Example:
+            >>> trainer.tokens_per_expert  # doctest: +SKIP
+            [412.0, 388.0, 401.0, 399.0]
+        """
+        return self._routing.tokens_per_expert if self._routing is not None else None
 
     def _counter(self) -> Callable[[Mapping[str, Any]], int]:
         if callable(self._items):
