@@ -40,7 +40,9 @@ class StepReport:
         splits: micro-batches split in two after an out-of-memory error in this window.
         stand_ins: zero-weight micro-batches this rank ran because it had run out (DDP/FSDP2).
         terms: with ``Accumulator(terms=...)``, each term's mean over the window (all ranks);
-            ``loss`` is then their sum.
+            ``loss`` is then their sum (a router loss term: its value over the window).
+        tokens_per_expert: with a router loss term (``gradaccum.moe.RouterLoss``), its top-k
+            assignments per expert in the window, all layers and ranks, by term.
 
     Example:
         >>> report = StepReport(step=1, loss=0.5, num_items=12.0, micro_batches=3, grad_norm=1.0, skipped=False)
@@ -58,6 +60,7 @@ class StepReport:
     splits: int = 0
     stand_ins: int = 0
     terms: Optional[dict[str, float]] = None
+    tokens_per_expert: Optional[dict[str, list[float]]] = None
 
 
 _COUNTERS = {  # field -> (accepted types, allows None)

@@ -64,6 +64,7 @@ class Window(WindowState):
                 return
             acc.check_current(self)
             batch, self.is_stand_in = planner.next()
+            self.rule.before_micro_batch(batch)
             self.yielded += 1
             self._last = last = i == final
             if bare or (last and not self.explicit_reduce):
@@ -312,6 +313,7 @@ class Accumulator(Parts):
                 st.planned = self.planner.target if self._plan is not None else self.planned_ahead(0)
             self.planner.open()
             self.parallel.begin_window()
+            self.rule.open_window(self, self.planner.held(), self.planner.target)
             window = self._current = Window(self, self.planner.target)
             pending = False
             yield window

@@ -103,7 +103,9 @@ def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optim
     # The rule, once: counters given, each term's items counted ahead; names given, one store
     # per term; else a mean over items, which hands several terms (one process) to the stores.
     if isinstance(counters, dict):
-        acc.rule = Terms(counters, acc.device)
+        autocast = AUTOCAST[precision]
+        acc.rule = Terms(counters, acc.device, autocast=(lambda: torch.autocast(acc.device.type, dtype=autocast))
+                         if autocast is not None else None)
     elif counters is not None:
         if not dp.can_store_terms:
             raise ValueError(

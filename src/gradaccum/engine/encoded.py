@@ -22,6 +22,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from .parts import Parts, WindowState
+from .rng import restore as rng_restore
+from .rng import state as rng_state
 
 
 
@@ -31,18 +33,6 @@ class Entry:
 
     def __init__(self, fn: Callable[[Any], Any], batch: Any, rng: tuple, leaves: list[torch.Tensor], stand_in: bool):
         self.fn, self.batch, self.rng, self.leaves, self.stand_in = fn, batch, rng, leaves, stand_in
-
-
-def _rng_state(device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple, device: torch.device) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
 
 
 def _map(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -91,7 +81,7 @@ def encode(acc: Parts, window: WindowState, fn: Callable[[Any], Any], batch: Any
         if acc.parallel.world > 1:
             # Re-encoding runs without sync; the step reduces the window's gradient once.
             window.explicit_reduce = True
-    rng = _rng_state(acc.device)
+    rng = rng_state(acc.device)
     with torch.no_grad(), window.autocast():
         out = fn(batch)
     if not _tensors(out):
@@ -135,7 +125,7 @@ def backward_encoded(acc: Parts, window: WindowState, loss: torch.Tensor) -> Non
     with torch.random.fork_rng(devices=devices):
         for i, entry in enumerate(entries):
             last = i == len(entries) - 1
-            _set_rng_state(entry.rng, acc.device)
+            rng_restore(entry.rng, acc.device)
             with (acc.skip_sync() if acc.sync_control else contextlib.nullcontext()):
                 with window.autocast():
                     out = entry.fn(entry.batch)

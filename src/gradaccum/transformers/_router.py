@@ -20,19 +20,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from ..engine import rng
 from ..moe import balance_loss, probabilities, routing
 
 _FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
-
-
-def _rng_state(device: torch.device) -> tuple:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 def spec(trainer: Any) -> Optional[tuple[int, int, float]]:
@@ -80,7 +71,7 @@ class WindowRouting:
         model.train()
         for batch in batches:
             inputs = trainer._prepare_inputs(batch)
-            self.rng[id(batch)] = _rng_state(device)
+            self.rng[id(batch)] = rng.state(device)
             forward = {k: inputs[k] for k in _FORWARD_KEYS if k in inputs}
             # The training forward's autocast, and its train mode: the same routing.
             with torch.no_grad(), trainer.compute_loss_context_manager():
@@ -103,7 +94,7 @@ class WindowRouting:
         """The micro-batch's training step, from the RNG state its counting forward started at."""
         state = self.rng.get(id(inputs))
         if state is not None:
-            _set_rng_state(state, device)
+            rng.restore(state, device)
         self.current = id(inputs)  # compute_loss sees the prepared copy: name the batch as counted
         try:
             yield

@@ -46,6 +46,14 @@ class Rule:
     def open(self, totals: list[float]) -> None:
         """The ``ahead_fields`` of the window that opens, summed over ranks."""
 
+    def open_window(self, acc: "Parts", batches: list[Any], target: int) -> None:
+        """The window opens with this rank's ``batches`` (``target`` micro-batches on every rank,
+        stand-ins included), after the previous update: what can only be counted with the
+        current weights is counted here (a router's assignments)."""
+
+    def before_micro_batch(self, batch: Any) -> None:
+        """A micro-batch is about to be handed out (its forward follows)."""
+
     # -- each micro-batch ----------------------------------------------------------------
 
     def for_loss(self, acc: "Parts", window: "WindowState", loss: Any) -> "Rule":
