@@ -35,7 +35,7 @@ class Gradients(transformers.TrainerCallback):
         self.steps.append(torch.cat([p.grad.flatten() for p in model.parameters()]).double().clone())
 
 
-def gradients(trainer_cls, data, tmp_path, batch, k, packing=False, own_mean=False):
+def gradients(trainer_cls, data, tmp_path, batch, k, packing=False, own_mean=False, make_model=gpt2):
     args = trl.SFTConfig(
         output_dir=str(tmp_path / f"{trainer_cls.__name__}-{batch}x{k}"), per_device_train_batch_size=batch,
         gradient_accumulation_steps=k, num_train_epochs=1, learning_rate=0.0, optim="sgd", max_grad_norm=0.0,
@@ -44,7 +44,8 @@ def gradients(trainer_cls, data, tmp_path, batch, k, packing=False, own_mean=Fal
         packing=packing, max_length=32 if packing else None,
     )
     grads = Gradients()
-    trainer = trainer_cls(model=gpt2(), args=args, train_dataset=data, processing_class=tokenizer(), callbacks=[grads])
+    trainer = trainer_cls(model=make_model(), args=args, train_dataset=data, processing_class=tokenizer(),
+                          callbacks=[grads])
     if own_mean:
         trainer.model_accepts_loss_kwargs = False  # the model's own mean: the big batch, or the naive per-micro-batch mean
     trainer.train()
@@ -68,3 +69,19 @@ def test_sft_trainer_with_the_mixin_equals_the_big_batch(tmp_path, n, packing):
     assert max(errors) < 1e-5, errors
     # A mean of micro-batch means weighs short completions up: the check can fail.
     assert max(relative(m, want) for m, want in zip(naive, big)) > 100 * max(max(errors), 1e-7)
+
+
+def test_sft_trainer_with_a_router_loss_equals_the_big_batch(tmp_path):
+    # An MoE model (Mixtral, tiny config): SFT adds the router loss of each micro-batch whole;
+    # with the mixin it is the window's, counted ahead.
+    from support import moe
+
+    data = prompt_completion_rows(24)
+    make = lambda: moe.model("mixtral")  # noqa: E731
+    big = gradients(trl.SFTTrainer, data, tmp_path, batch=12, k=1, own_mean=True, make_model=make)
+    exact = gradients(ExactSFTTrainer, data, tmp_path, batch=4, k=3, make_model=make)
+    stock = gradients(trl.SFTTrainer, data, tmp_path, batch=4, k=3, make_model=make)
+    assert len(big) == len(exact) == 2
+    errors = [relative(got, want) for got, want in zip(exact, big)]
+    assert max(errors) < 1e-5, errors
+    assert max(relative(s, want) for s, want in zip(stock, big)) > 0.02

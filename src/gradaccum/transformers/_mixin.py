@@ -247,8 +247,10 @@ class ExactAccumulationMixin(_TrainerBase):
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         self._weighed = True
         if self._routing is not None:  # the model's mean at its share, its router loss at the window's
-            mean, routed = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
-            exact = self._routing.exact(mean, routed, inputs, typing.cast(float, self._weight), self._world)
+            with self._routing.capture(typing.cast(torch.nn.Module, self.model)):
+                result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
+            mean, routed = result if return_outputs else (result, None)
+            exact = self._routing.exact(typing.cast(torch.Tensor, mean), inputs, typing.cast(float, self._weight), self._world)
             return (exact, routed) if return_outputs else exact
         user_loss = self.compute_loss_func
         divides: list[bool] = []

@@ -10,6 +10,12 @@ summed over ranks. Each micro-batch's training forward then runs from its kept R
 share of the window plus ``coef`` x its surrogate share of the window's aux (``moe.balance_loss``).
 The training pass's own routing is compared with the counted one; a window where they
 differ is refused at its last micro-batch, before its update.
+
+The training forward's router logits are taken by forward hooks on the family's router
+modules (the ones ``transformers`` records ``router_logits`` from), not from the outputs:
+TRL's ``SFTTrainer`` recomputes its outputs without gradients when asked for them, and its
+fused head never returns router logits. The micro-batch's own aux is rebuilt from them with
+the same formula (``moe.balance_loss`` of its own counts), so it can be taken out of the loss.
 """
 
 from __future__ import annotations
@@ -24,6 +30,18 @@ from ..engine import rng
 from ..moe import balance_loss, probabilities, routing
 
 _FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
+
+
+def router_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, int]]:
+    """The modules whose output (at the index given) is a layer's router logits, as
+    ``transformers`` records them (``_can_record_outputs["router_logits"]``)."""
+    targets = []
+    for module in model.modules():
+        recorder = (getattr(module, "_can_record_outputs", None) or {}).get("router_logits")
+        if recorder is not None and getattr(recorder, "target_class", None) is not None:
+            targets.append((recorder.target_class, int(getattr(recorder, "index", 0) or 0)))
+    found = [(m, index) for m in model.modules() for cls, index in targets[:1] if isinstance(m, cls)]
+    return found
 
 
 def spec(trainer: Any) -> Optional[tuple[int, int, float]]:
@@ -56,6 +74,29 @@ class WindowRouting:
         self.left = 0
         self.current: Optional[int] = None  # the micro-batch in its training step (its batch as counted)
         self.tokens_per_expert: Optional[list[float]] = None
+        self.captured: list[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def capture(self, model: torch.nn.Module):
+        """The router logits of the forward run inside, with their graph (forward hooks)."""
+        modules = router_modules(model)
+        if not modules:
+            raise ValueError(
+                f"{type(model).__name__} adds a router loss but names no router module that transformers records "
+                "router_logits from (_can_record_outputs): its router loss cannot be made exact here. Set "
+                "router_aux_loss_coef=0, or train it with gradaccum.Accumulator and gradaccum.moe.RouterLoss")
+        self.captured = []
+
+        def hook(module: torch.nn.Module, args: Any, output: Any, index: int = 0) -> None:
+            logits = output[index] if isinstance(output, (tuple, list)) else output
+            self.captured.append(logits)
+
+        handles = [m.register_forward_hook(lambda mod, a, out, i=index: hook(mod, a, out, i)) for m, index in modules]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def count(self, trainer: Any, batches: list, world: int) -> None:
         """The window's assignments and rows, before its first backward (all ranks)."""
@@ -101,20 +142,24 @@ class WindowRouting:
         finally:
             self.current = None
 
-    def exact(self, loss: torch.Tensor, outputs: Any, inputs: Any, weight: float, world: int) -> torch.Tensor:
+    def exact(self, loss: torch.Tensor, inputs: Any, weight: float, world: int) -> torch.Tensor:
         """The micro-batch's loss as its share of the window's: the model's mean at ``weight``,
-        plus ``coef`` x its surrogate share of the window's router loss (x the ranks DDP averages)."""
-        aux, logits = getattr(outputs, "aux_loss", None), getattr(outputs, "router_logits", None)
-        if aux is None or logits is None or self.totals is None:
-            raise RuntimeError("the model returned no router logits or aux_loss in training, though its config asks for "
-                               "them: exact router losses need both (output_router_logits=True)")
+        plus ``coef`` x its surrogate share of the window's router loss (x the ranks DDP averages).
+        ``loss`` is what the model (or trainer) returned: its mean plus ``coef`` x its own aux."""
+        logits = self.captured
+        if not logits or self.totals is None or not logits[0].requires_grad:
+            raise RuntimeError("the training forward's router logits were not captured with their graph, though the model "
+                               "adds a router loss: exact router losses need them (output_router_logits=True)")
         mask = inputs.get("attention_mask")
-        main = loss - self.coef * aux.to(loss.dtype)  # the model's own mean, without its micro-batch aux
-        share = balance_loss(probabilities(logits, mask), self.totals[0], self.totals[1], self.experts)
+        probs = probabilities(logits, mask)
+        own = routing(logits, self.top_k, mask)
+        # The micro-batch's own aux, as load_balancing_loss_func computes it (value and gradient): taken out.
+        main = loss - self.coef * balance_loss(probs, own[0], own[1], self.experts).to(loss.dtype)
+        share = balance_loss(probs, self.totals[0], self.totals[1], self.experts)
         assert self.mismatch is not None
         counted = self.counted.get(self.current) if self.current is not None else None
         if counted is not None:
-            self.mismatch += (routing(logits, self.top_k, mask)[0] - counted.to(self.mismatch.device)).abs().sum()
+            self.mismatch += (own[0] - counted.to(self.mismatch.device)).abs().sum()
         self.left -= 1
         if self.left == 0:  # the window's last micro-batch: one read, before its backward
             mismatch = float(self.mismatch)
