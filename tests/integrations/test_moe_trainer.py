@@ -111,3 +111,27 @@ def test_dropout_and_router_jitter_route_alike_in_both_passes(tmp_path, monkeypa
     monkeypatch.setattr(_router.WindowRouting, "replay", without_rng)
     with pytest.raises(RuntimeError, match="routed .* differently"):
         run(Trainer, "mixtral", data, collate, tmp_path / "not-replayed", batch=4, k=3, **noisy)
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_equal_the_one_process_big_batch(tmp_path):
+    # 2 ranks x micro-batch 2 x k=3 of uneven tokens, AdamW: the router loss counted over both
+    # ranks' windows; the same weights as the stock Trainer at batch 12 in one process.
+    import subprocess
+    import sys
+
+    from support import launch
+    from support.hf import max_diff, train
+
+    weights = tmp_path / "rank0.pt"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "support.hf_trainer_worker", str(weights), "none", "moe"],
+                          capture_output=True, text=True, env=launch.env(), timeout=300, cwd=tmp_path)
+    assert launch.finished(proc), proc.stderr[-3000:]
+    data, collate = variable_length_rows(36, causal=True), pad_collator(causal=True)
+    big = train(transformers.Trainer, moe.model("mixtral"), data, collate, tmp_path, batch=12, k=1, own_mean=True)
+    stock = train(transformers.Trainer, moe.model("mixtral"), data, collate, tmp_path / "stock", batch=4, k=3)
+    got = torch.load(weights)
+    diff = max(float((got[k] - v).abs().max()) for k, v in big.state_dict().items())
+    assert diff < 1e-5, diff
+    assert max_diff(stock, big) > 100 * max(diff, 1e-7)  # the control: stock accumulation moved elsewhere

@@ -64,12 +64,17 @@ def exact_sft():
 if __name__ == "__main__":
     out = pathlib.Path(sys.argv[1])
     extra = {}
-    if len(sys.argv) > 2:
+    if len(sys.argv) > 2 and sys.argv[2] != "none":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         extra["deepspeed"] = deepspeed_config(int(sys.argv[2]))
     kind = sys.argv[3] if len(sys.argv) > 3 else "trainer"
     if kind == "sft":
         model = train_sft(exact_sft(), out.parent, batch=2, k=3, **extra)
+    elif kind == "moe":  # a Mixtral with its router loss on (support.moe)
+        from support import moe
+
+        data, collate = variable_length_rows(36, causal=True), pad_collator(causal=True)
+        model = train(Trainer, moe.model("mixtral"), data, collate, out.parent, batch=2, k=3)
     else:
         data, collate = variable_length_rows(36, causal=True), pad_collator(causal=True)
         model = train(trainer_class(kind), gpt2_lm(), data, collate, out.parent, batch=2, k=3, **extra)
