@@ -5,7 +5,8 @@
 several terms counted ahead or held apart in ``termgrads``, cached representations),
 ``counts`` (the mean rule's counters), ``grads`` (where gradients are held), ``parallel``
 and ``deepspeed`` (the data-parallel adapters), ``backward``, ``retry`` and ``split`` (one
-micro-batch, its out-of-memory retry), ``encoded`` (cached representations), ``packet``
+micro-batch, its out-of-memory retry), ``encoded`` (cached representations) and ``rng`` (the
+RNG a second forward replays), ``packet``
 (the step's one collective, by name), ``step`` and ``checkpoint``; ``parts`` is what they
 share. Loops that run their own backward (Accelerate, Lightning) share
 ``gradaccum._weights.Tally`` and ``termgrads`` instead.
