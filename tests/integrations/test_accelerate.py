@@ -155,3 +155,30 @@ def test_the_docs_loop_runs_as_written(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(re.findall(r"window of \d+ tokens", out.stdout)) == 3  # 10 micro-batches, k=4: 4, 4 and 2
+
+
+def test_the_window_tally_is_saved_and_restored_with_the_accelerator_state(tmp_path):
+    # save_state()/load_state() carry the tally (registered for checkpointing): its reference,
+    # which every rank's provisional weights share, and an open window's counts.
+    torch.manual_seed(0)
+    model = TinyLM()
+    accelerator = ExactAccelerator(gradient_accumulation_steps=4, cpu=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = accelerator.prepare(model, opt)
+    for seqs in micro_batches([3, 5, 2, 4, 6, 1], seed=3):
+        with accelerator.accumulate(model):
+            loss, n = lm_mean_loss(model, seqs)
+            accelerator.backward(loss, num_items=n)
+            opt.step()
+            opt.zero_grad()
+    saved = accelerator.tally.state_dict()
+    assert saved["micro_batches"] == 2 and saved["reference"] != 1.0  # one window closed, one open
+    accelerator.save_state(str(tmp_path / "state"))
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    other = ExactAccelerator(gradient_accumulation_steps=4, cpu=True)
+    model2 = TinyLM()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    model2, opt2 = other.prepare(model2, opt2)
+    other.load_state(str(tmp_path / "state"))
+    assert other.tally.state_dict() == saved
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
