@@ -31,7 +31,7 @@ torch.set_num_threads(1)
 from gradaccum import Accumulator
 from gradaccum.recipes.config import TrainConfig
 from gradaccum.recipes.data import Batcher, load_splits
-from gradaccum.recipes.train import _build
+from gradaccum.recipes.model import build as _build
 from gradaccum.recipes.plan import baseline, _rss_kib
 m, k, windows, compact = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 cfg = TrainConfig(micro_batch=m, effective_batch=m * k)

@@ -235,7 +235,14 @@ class Accumulator(Parts):
         terms: for a loss with several denominators, each term's name and its counter, a
             function ``micro_batch -> items that term averages over``. The window's micro-batches
             are counted before its first backward, and :meth:`Window.backward` then takes
-            ``{name: (mean, num_items)}`` (see ``docs/terms.md``).
+            ``{name: (mean, num_items)}`` (see ``docs/terms.md``); names alone keep one gradient
+            store per term, and a ``gradaccum.moe.RouterLoss`` makes a router loss exact.
+        data_parallel: the ranks that see different micro-batches, a process group or a
+            ``DeviceMesh`` (several dimensions are flattened: ``mesh[("dp", "cp")]``). Counts are
+            summed over these ranks only; tensor-parallel ranks, which see the same tokens, are
+            not counted twice. Default: the model's own group (DDP's, FSDP2's), or every rank;
+            required when the parameters lie on a mesh of several dimensions
+            (``docs/model-parallel.md``).
 
     Example:
         >>> acc = Accumulator(model, optimizer, steps=4)  # doctest: +SKIP
@@ -251,9 +258,9 @@ class Accumulator(Parts):
                  scheduler: Any = None, max_grad_norm: Optional[float] = None, precision: str = "fp32",
                  accum_dtype: Optional[torch.dtype] = None, sync_every_micro_batch: bool = False,
                  compact_embedding_grads: bool = False, device_counts: Optional[bool] = None,
-                 terms: Optional[Mapping[str, Callable[[Any], Any]]] = None):
+                 terms: Any = None, data_parallel: Any = None):
         build_parts(self, model, optimizer, steps, scheduler, max_grad_norm, precision, accum_dtype,
-                    sync_every_micro_batch, compact_embedding_grads, device_counts, terms)
+                    sync_every_micro_batch, compact_embedding_grads, device_counts, terms, data_parallel)
         self._current: Optional[Window] = None
         self._generator: Optional[object] = None
         self._plan: Optional[list[int]] = None

@@ -65,7 +65,7 @@ def _stores(model: torch.nn.Module, params: list[torch.Tensor], low: set[int], a
 def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: Any, scheduler: Any,
                 max_grad_norm: Optional[float], precision: str, accum_dtype: Optional[torch.dtype],
                 sync_every_micro_batch: bool, compact_embedding_grads: bool, device_counts: Optional[bool],
-                terms: Any = None) -> None:
+                terms: Any = None, data_parallel: Any = None) -> None:
     """Validate the arguments and set ``acc``'s parts; raises before any work is done."""
     _check(model, optimizer, scheduler, max_grad_norm, precision, accum_dtype)
     counters = check_counters(terms)
@@ -73,10 +73,15 @@ def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optim
     acc.model, acc.optimizer, acc.scheduler = model, optimizer, scheduler
     acc.max_grad_norm, acc.precision, acc.accum_dtype = max_grad_norm, precision, accum_dtype
     # The data-parallel adapter, chosen once; it refuses what cannot hold under it.
-    acc.parallel = dp = _parallel.adapter_for(model, (_deepspeed.DeepSpeed,))
+    group = _parallel.data_parallel_group(model, list(model.parameters()), data_parallel)
+    acc.parallel = dp = _parallel.adapter_for(model, (_deepspeed.DeepSpeed,), group)
     acc.optimizer, params, acc.max_grad_norm = dp.prepare(optimizer, precision, accum_dtype, compact_embedding_grads,
                                                           scheduler, max_grad_norm, sync_every_micro_batch)
     acc.params = params
+    by_mesh: dict[int, list[torch.Tensor]] = {}
+    for p in params:
+        by_mesh.setdefault(id(getattr(p, "device_mesh", None)), []).append(p)
+    acc.param_groups_by_mesh = list(by_mesh.values())
     first = next(iter(model.parameters()), None)
     acc.device = first.device if first is not None else torch.device("cpu")
     # The fused per-list kernels also run on the CPU, where torch's default loops in Python.

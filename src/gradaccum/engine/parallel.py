@@ -102,10 +102,13 @@ class SingleProcess:
 
 
 class _Ranks(SingleProcess):
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, group: Any = None):
         self.model = model
-        self.world = dist.get_world_size()
-        self.rank = dist.get_rank()
+        # The data-parallel ranks: the ones that see different micro-batches and average the
+        # gradient. Model-parallel ranks (tensor, pipeline) see the same ones: never counted twice.
+        self.group = group if group is not None else getattr(model, "process_group", None)
+        self.world = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
 
     def all_sum(self, values: Values) -> Values:
         """Sum over ranks in one small all-reduce (float64, so counts stay exact)."""
@@ -114,13 +117,13 @@ class _Ranks(SingleProcess):
         on_device = isinstance(values, torch.Tensor)
         t = values if isinstance(values, torch.Tensor) else torch.tensor([float(v) for v in values], dtype=torch.float64)
         # gloo has no float64 reduction on CUDA tensors; NCCL has no CPU tensors.
-        nccl = dist.get_backend() == "nccl"
+        nccl = dist.get_backend(self.group) == "nccl"
         if not nccl and t.device.type != "cpu":
             t = t.cpu()
         elif nccl and t.device.type == "cpu":
             t = t.to(torch.device("cuda", torch.cuda.current_device()))
         t = t.clone()
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=self.group)
         return t if on_device else t.tolist()
 
 
@@ -151,7 +154,7 @@ class DDP(_Ranks):
             groups.setdefault((g.device, g.dtype), []).append(g)
         for group in groups.values():
             flat = torch._utils._flatten_dense_tensors(group)
-            dist.all_reduce(flat)
+            dist.all_reduce(flat, group=self.group)
             flat.div_(self.world)
             for g, r in zip(group, torch._utils._unflatten_dense_tensors(flat, group)):
                 g.copy_(r)
@@ -169,8 +172,8 @@ class Collective(_Ranks):
     KEY = f"gradaccum/out-of-memory/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     EXIT_CODE = 75  # EX_TEMPFAIL: restart (torchrun --max-restarts) with a smaller micro-batch
 
-    def __init__(self, model: torch.nn.Module):
-        super().__init__(model)
+    def __init__(self, model: torch.nn.Module, group: Any = None):
+        super().__init__(model, group)
         self._watch: threading.Thread | None = None
         self._store = _default_store()
         self._announced = False  # this rank raised the error itself: its own watch stands down
@@ -278,7 +281,34 @@ def is_deepspeed_engine(model: Any) -> bool:
     return any(c.__module__.startswith("deepspeed.") and c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
 
 
-def adapter_for(model: torch.nn.Module, kinds: tuple[type[SingleProcess], ...] = ()) -> SingleProcess:
+def data_parallel_group(model: torch.nn.Module, params: list[torch.Tensor], data_parallel: Any) -> Any:
+    """The process group whose ranks see different micro-batches: ``data_parallel`` as given
+    (a process group or a ``DeviceMesh``, several dimensions flattened), else the default one;
+    refused when the parameters lie on a mesh of several dimensions and nothing says which
+    are data-parallel (tensor-parallel ranks see the same tokens: counted once, not per rank).
+
+    >>> data_parallel_group(torch.nn.Linear(2, 2), [], None) is None
+    True
+    """
+    if data_parallel is not None:
+        if hasattr(data_parallel, "get_group"):  # a DeviceMesh
+            mesh = data_parallel._flatten() if data_parallel.ndim > 1 else data_parallel
+            return mesh.get_group()
+        return data_parallel
+    meshes = {id(p.device_mesh): p.device_mesh for p in params if hasattr(p, "device_mesh")}
+    several = [m for m in meshes.values() if m.ndim > 1]
+    if several:
+        names = several[0].mesh_dim_names or tuple(f"dim {i}" for i in range(several[0].ndim))
+        raise ValueError(
+            f"the model's parameters lie on a device mesh with dimensions {names}, and the Accumulator cannot tell "
+            "which of them are data-parallel: ranks of a tensor-parallel dimension see the same tokens and must not "
+            "be counted twice, ranks of a context-parallel one see parts of the same sequences and must. Pass "
+            f"data_parallel=mesh[{names[0]!r}] (the data-parallel dimension), or data_parallel=mesh[(\"dp\", \"cp\")] "
+            "with context parallelism")
+    return None
+
+
+def adapter_for(model: torch.nn.Module, kinds: tuple[type[SingleProcess], ...] = (), group: Any = None) -> SingleProcess:
     """The adapter for ``model``: the first of ``kinds`` (then FSDP2, DDP) that wraps it, or
     one process. ``build`` passes ``engine.deepspeed.DeepSpeed`` first, which needs no
     process group of torch's to be set up by the caller.
@@ -293,5 +323,5 @@ def adapter_for(model: torch.nn.Module, kinds: tuple[type[SingleProcess], ...] =
         return SingleProcess()
     for ranks in (FSDP2, DDP):
         if ranks.wraps(model):
-            return ranks(model)
+            return ranks(model, group)
     return SingleProcess()

@@ -33,6 +33,7 @@ class Parts:
     precision: str
     accum_dtype: Optional[torch.dtype]
     params: list[torch.Tensor]
+    param_groups_by_mesh: list[list[torch.Tensor]]  # one list unless parameters lie on several device meshes
     device: torch.device
     parallel: _parallel.SingleProcess
     stores: Stores

@@ -32,9 +32,17 @@ def total_norm(grads: list[torch.Tensor], uniform: bool, foreach: Optional[bool]
         return torch.zeros(())
     if uniform:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    norm = torch.nn.utils.get_total_norm(grads, foreach=foreach)
-    # FSDP2's sharded gradients give a DTensor norm: the full value needs the shards' sum.
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    # DTensor gradients on different meshes (tensor-parallel layers on (dp, tp), the rest on
+    # (dp)) cannot be stacked together: one norm per mesh, each made whole, then combined.
+    by_mesh: dict[int, list[torch.Tensor]] = {}
+    for g in grads:
+        by_mesh.setdefault(id(getattr(g, "device_mesh", None)), []).append(g)
+    norms = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(group, foreach=foreach)
+        # Sharded gradients give a DTensor norm: the full value needs the shards' sum.
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
 
 
 def _packet(acc: Parts, window: WindowState, has_grad: bool) -> Packet:
@@ -75,7 +83,9 @@ def finish(acc: Parts, window: WindowState) -> StepReport:
     norm_t = total_norm(grads, acc.uniform, acc.foreach) if held is not None else torch.full((), math.nan)
     if acc.max_grad_norm is not None and grads:
         # With the norm as a tensor: a non-finite norm makes NaNs, but that window is skipped.
-        torch.nn.utils.clip_grads_with_norm_(acc.params, acc.max_grad_norm, norm_t, foreach=acc.foreach)
+        # Parameters on different device meshes (tensor parallel) are scaled mesh by mesh.
+        for group in acc.param_groups_by_mesh:
+            torch.nn.utils.clip_grads_with_norm_(group, acc.max_grad_norm, norm_t, foreach=acc.foreach)
     read = packet.read(norm_t, stores.deferred())  # the window's one host sync
     try:
         rule.check(read)

@@ -1,0 +1,48 @@
+"""Tensor and context parallelism on a 2-D device mesh (4 CPU ranks): counts summed over the
+data-parallel ranks only (tensor-parallel ranks see the same tokens), the clip norm over the
+whole DTensor gradients, against the float64 big batch of the unsplit model and sequences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from support import dist_workers
+from support import model_parallel as mp
+from support.reference import rel_error
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _windows():
+    groups = [mp.data(0), mp.data(1)]
+    return [groups[0][0:3] + groups[1][0:3], groups[0][3:6] + groups[1][3:6]]
+
+
+def _clipped(grads, max_norm=0.05):
+    norm = sum(float(g.pow(2).sum()) for g in grads) ** 0.5
+    return [g * min(1.0, max_norm / (norm + 1e-6)) for g in grads], norm
+
+
+@pytest.mark.parametrize("layout", ["tp", "cp"])
+def test_two_dimensional_meshes_equal_the_float64_big_batch(tmp_path, layout):
+    results = dist_workers.spawn(mp.run, 4, tmp_path, layout)
+    for r in results:
+        assert "error" not in r, r.get("trace")
+    windows = _windows()
+    wants = mp.reference(windows)
+    tokens = [float(sum(b["mask"][:, 1:].sum() for b in w)) for w in windows]
+    for r in results:
+        for w, (got, want) in enumerate(zip(r["seen"], wants)):
+            clipped, norm = _clipped(want)
+            assert rel_error(got, clipped) < 1e-5, (layout, w, rel_error(got, clipped))
+            assert r["norms"][w] == pytest.approx(norm, rel=1e-5)  # the norm of the whole gradient
+        # Summed over the data-parallel ranks only: tensor-parallel ranks would count each token twice.
+        assert r["num_items"] == tokens
+
+
+def test_a_two_dimensional_mesh_without_data_parallel_is_refused(tmp_path):
+    results = dist_workers.spawn(mp.run, 4, tmp_path, "refused")
+    for r in results:
+        assert "error" not in r, r.get("trace")
+        assert r["refused"] and "('dp', 'tp')" in r["refused"] and "data_parallel=mesh['dp']" in r["refused"]
