@@ -1,0 +1,86 @@
+"""Pipeline parallel: a ``torch.distributed.pipelining`` schedule's step is a window.
+
+A schedule (GPipe, 1F1B, interleaved) splits the step's batch into micro-batches, calls its
+``loss_fn`` on each at the last stage and, by default (``scale_grads=True``), divides the
+gradients by the number of micro-batches: the mean of per-micro-batch means, which is not
+the mean over the step's items when micro-batches hold different numbers of tokens.
+:class:`ExactLoss` is a ``loss_fn`` that weighs each micro-batch's mean by its share of the
+window's items: counted at the last stage from the step's whole target before the schedule
+runs (summed over the data-parallel replicas in one small all-reduce), so the weight is exact
+at each backward and reaches every stage through the pipeline's own backward. Build the
+schedule with ``scale_grads=False``; average each stage's gradients over the replicas as
+usual (DDP or FSDP2 per stage, or an all-reduce).
+
+Example:
+    >>> exact = ExactLoss(lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=-100),
+    ...                   lambda y: (y != -100).sum())  # doctest: +SKIP
+    >>> schedule = ScheduleGPipe(stage, n_microbatches=4, loss_fn=exact, scale_grads=False)  # doctest: +SKIP
+    >>> exact.open(targets)  # the last stage, before each step  # doctest: +SKIP
+    >>> schedule.step(target=targets, losses=losses)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ._weights import share
+
+__all__ = ["ExactLoss"]
+
+
+class ExactLoss:
+    """A schedule's ``loss_fn`` whose micro-batches weigh their items in the window.
+
+    Args:
+        loss: ``(output, target) -> `` the micro-batch's mean loss over its items.
+        count: ``target -> `` the items that mean is over (a tensor or a number); it must
+            add up over the micro-batches of a step's target, as counting tokens does.
+        data_parallel: the pipeline replicas' process group (the last stages of every
+            replica), or None for one replica.
+
+    Example:
+        >>> exact = ExactLoss(token_mean, lambda y: (y != -100).sum(), data_parallel=dp_group)  # doctest: +SKIP
+    """
+
+    def __init__(self, loss: Callable[[Any, Any], torch.Tensor], count: Callable[[Any], Any],
+                 data_parallel: Optional[Any] = None):
+        self.loss, self.count, self.group = loss, count, data_parallel
+        self.total: Optional[float] = None
+        self.loss_sum: Any = 0.0
+
+    def open(self, target: Any) -> float:
+        """Count the step's items from its whole ``target`` (every micro-batch), summed over the
+        replicas; call it at the last stage before ``schedule.step``. Returns the total."""
+        local = torch.as_tensor(self.count(target), dtype=torch.float64).reshape(1)
+        if self.group is not None:
+            local = local.clone()
+            dist.all_reduce(local, group=self.group)
+        self.total = float(local)
+        if self.total <= 0:
+            raise ValueError("a pipeline step with no items to learn from: count(target) is 0 on every replica")
+        self.loss_sum = 0.0
+        return self.total
+
+    def __call__(self, output: Any, target: Any) -> torch.Tensor:
+        if self.total is None:
+            raise RuntimeError("ExactLoss: call .open(target) with the step's whole target before schedule.step()")
+        mean = self.loss(output, target)
+        n = self.count(target)
+        self.loss_sum = self.loss_sum + mean.detach().double() * n
+        world = dist.get_world_size(self.group) if self.group is not None else 1
+        # The micro-batch's share of the window's items, times the replicas whose gradients are
+        # averaged; a tensor count stays on the device (no host read per micro-batch).
+        weight = share(n.to(mean.device, torch.float64) if isinstance(n, torch.Tensor) else float(n), self.total, world)
+        return mean * (weight.to(mean.dtype) if isinstance(weight, torch.Tensor) else weight)
+
+    def close(self) -> float:
+        """The step's mean loss over every item of every replica (one small all-reduce)."""
+        local = torch.as_tensor(self.loss_sum, dtype=torch.float64).reshape(1).clone()
+        if self.group is not None:
+            dist.all_reduce(local, group=self.group)
+        assert self.total is not None
+        value, self.total = float(local) / self.total, None
+        return value
