@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 
@@ -80,25 +78,6 @@ def test_a_rank_with_no_data_at_all_fails_fast_naming_it(tmp_path):
     for r in results:
         assert r["message"] is not None and "ranks [1] have no micro-batch at all" in r["message"]
         assert r["steps"] == 0 and r["seconds"] < 20
-
-
-@pytest.mark.multiprocess
-def test_train_under_torchrun(tmp_path):
-    pytest.importorskip("transformers")
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "gradaccum", "train", "--task", "lm", "--effective-batch", "6", "--micro-batch", "4",
-         "--max-steps", "3", "--max-length", "24", "--train-limit", "40", "--eval-limit", "8", "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert launch.finished(proc), proc.stderr[-3000:]
-    s = json.loads((out / "summary.json").read_text())
-    assert s["world_size"] == 2 and s["effective_batch"] == 12 and s["optimizer_steps"] == 3
-    rows = (out / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 4  # header + 3 steps, written once (rank 0)
-    assert "x 2 rank(s)" in proc.stdout
 
 
 @pytest.mark.multiprocess

@@ -9,7 +9,6 @@ at batch 12 without accumulation. The stock Trainer with accumulation is the con
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -78,14 +77,14 @@ def test_router_loss_windows_equal_the_big_batch(tmp_path, family):
     big_cls = _recording(transformers.Trainer)
     big, _ = run(big_cls, family, data, collate, tmp_path, batch=12, k=1)
     exact, trainer = run(Trainer, family, data, collate, tmp_path, batch=4, k=3)
-    stock, _ = run(transformers.Trainer, family, data, collate, tmp_path, batch=4, k=3)
     want = float64_big_batch(family, big_cls.seen)
     assert len(exact) == len(big) == len(want) == 2
     for step in range(2):
         assert rel_error(exact[step], want[step]) < 1e-5, (step, rel_error(exact[step], want[step]))
         assert rel_error(exact[step], big[step]) < 1e-5
-    # Stock accumulation adds each micro-batch's router loss whole (and divides its mean by k).
-    assert max(rel_error(stock[s], want[s]) for s in range(2)) > 0.02
+    if family == "mixtral":  # stock accumulation adds each micro-batch's router loss whole, its mean / k
+        stock, _ = run(transformers.Trainer, family, data, collate, tmp_path, batch=4, k=3)
+        assert max(rel_error(stock[s], want[s]) for s in range(2)) > 0.02
     tokens = trainer.tokens_per_expert  # the last window's assignments: top-2 of every real token, 2 layers
     rows = sum(int(m.sum()) for m in [b["attention_mask"] for b in big_cls.seen[1:]])
     assert tokens is not None and len(tokens) == 4 and sum(tokens) == pytest.approx(2 * 2 * rows)

@@ -61,8 +61,9 @@ def _full(t):
 
 
 def run(rank: int, world: int, layout: str) -> dict:
-    """``tp``: FSDP2 over "dp" x tensor parallel over "tp"; ``cp``: each sequence's tokens cut
-    over "cp", FSDP2 over "dp" and "cp" flattened; ``refused``: a 2-D mesh, no data_parallel."""
+    """``tp``: FSDP2 over "dp" x tensor parallel over "tp" (first, the Accumulator built without
+    ``data_parallel``: refused); ``cp``: each sequence's tokens cut over "cp", FSDP2 over "dp"
+    and "cp" flattened."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -70,7 +71,7 @@ def run(rank: int, world: int, layout: str) -> dict:
     names = ("dp", "cp") if layout == "cp" else ("dp", "tp")
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
     net = model()
-    if layout in ("tp", "refused"):
+    if layout == "tp":
         parallelize_module(net, mesh["tp"], {"w1": ColwiseParallel(), "w2": RowwiseParallel()})
         m = fully_shard(net, mesh=mesh["dp"])
         data_parallel = mesh["dp"]
@@ -78,12 +79,12 @@ def run(rank: int, world: int, layout: str) -> dict:
         m = fully_shard(net, mesh=mesh[("dp", "cp")]._flatten())
         data_parallel = mesh[("dp", "cp")]
     opt = RecordingSGD(m.parameters(), lr=0.0)
-    if layout == "refused":
+    refused = None
+    if layout == "tp":  # a 2-D mesh and nothing said about which dimension is data-parallel
         try:
             gradaccum.Accumulator(m, opt, steps=3)
         except ValueError as exc:
-            return {"refused": str(exc)}
-        return {"refused": None}
+            refused = str(exc)
     acc = gradaccum.Accumulator(m, opt, steps=3, max_grad_norm=0.05, data_parallel=data_parallel)
     group, part = mesh["dp"].get_local_rank(), (mesh["cp"].get_local_rank() if layout == "cp" else None)
     reports = []
@@ -97,7 +98,7 @@ def run(rank: int, world: int, layout: str) -> dict:
             window.backward(loss, num_items=n)
         reports.append(window.step())
     return {"seen": [[_full(g).detach().double() for g in step] for step in opt.seen],
-            "num_items": [r.num_items for r in reports], "norms": [r.grad_norm for r in reports]}
+            "num_items": [r.num_items for r in reports], "norms": [r.grad_norm for r in reports], "refused": refused}
 
 
 def reference(windows: list[list[dict]]) -> list[list[torch.Tensor]]:

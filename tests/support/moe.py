@@ -145,13 +145,15 @@ def train(model, loader, steps, precision: str = "fp32", **kw) -> tuple[list, li
     return [[full(g).float() for g in step] for step in opt.seen], reports
 
 
-def two_ranks(rank: int, world: int, wrap: str) -> dict:
-    """DDP or FSDP2 over the router loss, k = 3, ranks' micro-batches differ (rank 1 has fewer)."""
+def two_ranks(rank: int, world: int) -> dict:
+    """DDP, then FSDP2, over the router loss, k = 3, ranks' micro-batches differ (rank 1 has fewer)."""
     from support import matrix_cells as mc
 
-    torch.manual_seed(0)
-    net = TinyMoE()
-    model = mc._wrap(net, wrap)
-    sizes = (3, 1, 4, 2, 5, 1) if rank == 0 else (2, 3, 1, 2)
-    seen, reports = train(model, data(rank, sizes), 3)
-    return {"seen": seen, "tokens": [r.tokens_per_expert for r in reports], "terms": [r.terms for r in reports]}
+    out = {}
+    for wrap in ("ddp", "fsdp2"):
+        torch.manual_seed(0)
+        model = mc._wrap(TinyMoE(), wrap)
+        sizes = (3, 1, 4, 2, 5, 1) if rank == 0 else (2, 3, 1, 2)
+        seen, reports = train(model, data(rank, sizes), 3)
+        out[wrap] = {"seen": seen, "tokens": [r.tokens_per_expert for r in reports], "terms": [r.terms for r in reports]}
+    return out

@@ -51,6 +51,12 @@ def token_mean(logits, target):
     return F.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1), ignore_index=-100)
 
 
+def runs(rank: int, world: int) -> dict:
+    """GPipe and 1F1B with ExactLoss, and the stock GPipe, one after the other."""
+    return {name: run(rank, world, schedule, exact)
+            for name, schedule, exact in (("gpipe", "gpipe", True), ("1f1b", "1f1b", True), ("stock", "gpipe", False))}
+
+
 def run(rank: int, world: int, schedule_name: str, exact: bool) -> dict:
     """Two steps of the schedule; each stage's gradient (averaged over the replicas) per step."""
     import torch.distributed as dist

@@ -67,6 +67,11 @@ def token_budget_two_ranks(rank: int, world: int) -> dict:
     return {"seen": seen, "stand_ins": [r.stand_ins for r in reports], "terms": [r.terms for r in reports]}
 
 
+def stored_two_ranks_both(rank: int, world: int) -> dict:
+    """``stored_two_ranks`` plain, then with out-of-memory splits, in one launch."""
+    return {oom: stored_two_ranks(rank, world, oom) for oom in ("", "backward")}
+
+
 def stored_two_ranks(rank: int, world: int, oom: str = "") -> dict:
     """DDP, several terms named without counters (one gradient store per term); ranks' data differ."""
     net = model()
