@@ -27,6 +27,8 @@ ELSEWHERE = {
     ("docs/deepspeed.md", 0): "integrations/test_deepspeed.py::test_the_docs_loop_runs_as_written_under_torchrun",
     ("docs/terms.md", 0): "engine/test_terms.py::test_the_docs_example_runs_as_written",
     ("docs/distributed.md", 0): "test_the_distributed_page_runs_under_torchrun (below)",
+    ("docs/model-parallel.md", 0): "test_the_model_parallel_page_runs_on_four_ranks (below)",
+    ("docs/model-parallel.md", 1): "test_the_model_parallel_page_runs_on_four_ranks (below)",
 }
 
 
@@ -227,3 +229,30 @@ count = lambda batch: int(batch["mask"][:, 1:].sum())
                            str(script)], capture_output=True, text=True, env=launch.env(), timeout=240, cwd=tmp_path)
     assert launch.finished(proc), proc.stderr[-3000:]
     assert os.path.exists(script)
+
+
+@pytest.mark.multiprocess
+def test_the_model_parallel_page_runs_on_four_ranks(tmp_path):
+    """Both blocks, as written, under torchrun on 4 CPU ranks, over what they leave to the reader."""
+    from support import launch
+
+    prelude = '''import torch
+import gradaccum
+from support.model_parallel import MLPLM
+from support.pipeline import Back, Front, step_data
+
+dp, tp, replicas, stages = 2, 2, 2, 2
+torch.manual_seed(0)
+model = MLPLM()
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+stage_modules = [Front(), Back()]
+'''
+    between = '''
+steps = [step_data(int(torch.distributed.get_rank()) // 2, s, rows=8) for s in range(2)]  # 4 micro-batches of 2
+'''
+    code = blocks("docs/model-parallel.md")
+    script = tmp_path / "page.py"
+    script.write_text(prelude + code[0] + between + code[1] + "\ngradaccum.end_rank()\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                           str(script)], capture_output=True, text=True, env=launch.env(), timeout=240, cwd=tmp_path)
+    assert launch.finished(proc), proc.stderr[-3000:]

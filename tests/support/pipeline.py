@@ -36,11 +36,11 @@ def stages() -> tuple[Front, Back]:
     return Front(), Back()
 
 
-def step_data(replica: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [6, 16] and next-token targets (-100 past each sequence's end): very uneven tokens."""
-    seqs = make_sequences(ROWS, seed=700 + 10 * replica + step, lo=2, hi=LENGTH)
-    ids = torch.zeros(ROWS, LENGTH, dtype=torch.long)
-    target = torch.full((ROWS, LENGTH), -100, dtype=torch.long)
+def step_data(replica: int, step: int, rows: int = ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [rows, 16] and next-token targets (-100 past each sequence's end): very uneven tokens."""
+    seqs = make_sequences(rows, seed=700 + 10 * replica + step, lo=2, hi=LENGTH)
+    ids = torch.zeros(rows, LENGTH, dtype=torch.long)
+    target = torch.full((rows, LENGTH), -100, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = s
         target[i, :len(s) - 1] = s[1:]
