@@ -70,7 +70,7 @@ def launch(args: list[str], cwd: str) -> tuple[int, bool]:
 def tally(name: str, runs: int, make_args) -> None:
     failed = aborted = 0
     t0 = time.time()
-    for i in range(runs):
+    for _i in range(runs):
         with tempfile.TemporaryDirectory() as tmp:
             code, abort = launch(make_args(tmp), tmp)
         failed += code != 0

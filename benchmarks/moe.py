@@ -140,7 +140,7 @@ class Stores:
         total = sum(items)
         stores = [[torch.zeros_like(p) for p in self.params] for _ in range(EXPERTS)]
         assigned, rows = torch.zeros(EXPERTS, dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        for j in range(self.k):
+        for _j in range(self.k):
             b = self.data[self.i % len(self.data)]
             self.i += 1
             lm, n, logits = lm_mean(self.m, b)
@@ -175,7 +175,7 @@ class Previous:
         items = [float(self.data[(self.i + j) % len(self.data)]["mask"][:, 1:].sum()) for j in range(self.k)]
         rows_now = sum(float(self.data[(self.i + j) % len(self.data)]["mask"].sum()) * LAYERS for j in range(self.k))
         assigned = torch.zeros(EXPERTS, dtype=torch.float64)
-        for j in range(self.k):
+        for _j in range(self.k):
             b = self.data[self.i % len(self.data)]
             self.i += 1
             lm, n, logits = lm_mean(self.m, b)
@@ -196,14 +196,24 @@ def rel(a, b) -> float:
     return (num / sum(float(y.double().pow(2).sum()) for y in b)) ** 0.5
 
 
+def high_water_kib() -> int:
+    # ru_maxrss carries the parent's peak across fork and exec on Linux, so a child started
+    # after a large loop would report nothing above it; VmHWM belongs to this process alone.
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM")).split()[1])
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def peak(name: str, k: int, windows: int) -> None:
     torch.set_num_threads(1)
     m, data = MoE(), batches(16)
     loop = LOOPS[name](m, data, k)
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = high_water_kib()
     for _ in range(windows):
         loop.window()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024)
+    print((high_water_kib() - start) / 1024)
 
 
 def main() -> None:
@@ -212,6 +222,8 @@ def main() -> None:
     ap.add_argument("--k", default="4,8")
     ap.add_argument("--peak", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.windows < 2:
+        ap.error("--windows must be at least 2: the first window has no previous one to compare")
     if args.peak:
         peak(args.peak[0], int(args.peak[1]), 3)
         return

@@ -162,7 +162,7 @@ def measure(name, case, k, steps, repeats, framework="plain"):
         ours()
     times = {plain: [], ours: []}
     ratios = []
-    for r in range(repeats):
+    for _r in range(repeats):
         block = {plain: [], ours: []}
         for s in range(steps):
             for fn in (plain, ours) if s % 2 == 0 else (ours, plain):

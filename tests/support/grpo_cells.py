@@ -162,23 +162,27 @@ def relative(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 LOSS_TYPES = ["bnpo", "grpo", "dr_grpo", "dapo"]
 K = 3
 GRID = [(lt, spg, entropy) for lt in LOSS_TYPES for spg in (K, 2 * K) for entropy in (0.0, 0.05)]
+# On two ranks what is new is the normalisers' sums over ranks: every loss type with a
+# generation spanning two windows and the bonus on (stock off in each), and dapo within
+# one window without it (stock exact: the check must tell both apart on ranks too).
+RANKS_GRID = [(lt, 2 * K, 0.05) for lt in LOSS_TYPES] + [("dapo", K, 0.0)]
 
 
-def grid(out: str) -> dict:
-    """Every (loss type, steps_per_generation, entropy_coef) of ``GRID``, stock and exact."""
+def grid(out: str, cells: list[tuple[str, int, float]] = GRID) -> dict:
+    """Each (loss type, steps_per_generation, entropy_coef) of ``cells``, stock and exact."""
     results = {}
-    for lt, spg, entropy in GRID:
+    for lt, spg, entropy in cells:
         for exact in (False, True):
             results[(lt, spg, entropy, exact)] = run(exact, out, lt, K, spg, entropy)
     return results
 
 
 def main() -> None:
-    """Under torchrun: ``python grpo_cells.py OUT`` runs the grid and saves this rank's runs."""
+    """Under torchrun: ``python grpo_cells.py OUT`` runs ``RANKS_GRID``, saves this rank's runs."""
     import sys
 
     out = sys.argv[1]
-    torch.save(grid(out), os.path.join(out, f"rank-{os.environ.get('RANK', '0')}.pt"))
+    torch.save(grid(out, RANKS_GRID), os.path.join(out, f"rank-{os.environ.get('RANK', '0')}.pt"))
 
 
 if __name__ == "__main__":
