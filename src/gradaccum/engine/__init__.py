@@ -2,7 +2,8 @@
 
 ``accumulator`` (the public loop, thin) over its parts, which ``build`` chooses once:
 ``plan`` (window membership, stand-ins), ``rules`` (the normalisation: a mean over items,
-several terms counted ahead or held apart in ``termgrads``, cached representations),
+several terms counted ahead or held apart in ``termgrads``, cached representations;
+``termvalues`` checks and reads what a user hands for terms),
 ``counts`` (the mean rule's counters), ``grads`` (where gradients are held), ``parallel``
 and ``deepspeed`` (the data-parallel adapters), ``backward``, ``retry`` and ``split`` (one
 micro-batch, its out-of-memory retry), ``encoded`` (cached representations) and ``rng`` (the

@@ -18,7 +18,8 @@ from ..nn import WindowBatchNorm
 from . import deepspeed as _deepspeed
 from . import parallel as _parallel
 from .counts import DeviceCounts, HostCounts
-from .rules import Coupled, Mean, StoredTerms, Terms, check_counters
+from .rules import Coupled, Mean, StoredTerms, Terms
+from .termvalues import check_counters
 from .grads import BufferStore, CompactStore, DenseStore, Stores, embedding_modules
 from .plan import Lookahead, Planner
 from .parts import Parts

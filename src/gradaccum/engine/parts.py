@@ -7,7 +7,7 @@ only this module, so no part reaches back into the loop that calls it.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -16,8 +16,10 @@ from ..nn import WindowBatchNorm
 from . import parallel as _parallel
 from .grads import Stores
 from .plan import Planner, agree
-from .rules import Coupled, Rule
 from .._state import AccumulatorState, StepReport
+
+if TYPE_CHECKING:  # the rules receive the parts they act on; the parts only hold them
+    from .rules import Coupled, Rule
 
 
 class Parts:

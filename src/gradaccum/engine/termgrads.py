@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .termvalues import count, pair, term_means
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -150,8 +152,6 @@ class TermWindow:
         """Differentiate every term but the primary into its store (weight ``n / r_t``); return
         the primary's mean and its count, or, where it is absent, a mean to backpropagate at
         weight zero and ``None``."""
-        from .rules.terms import count, pair
-
         if not mapping:
             raise ValueError(f"a mapping of terms needs at least one term (its terms: {self.names})")
         unknown = [k for k in mapping if k not in self.names]
@@ -192,4 +192,4 @@ class TermWindow:
         self.grads.combine({name: (1.0 / (totals[j] * unscale) if totals[j] else 0.0)
                             for j, name in enumerate(self.names)}, reduce)
         self.clear()
-        return {name: (losses[j] / totals[j] if totals[j] else 0.0) for j, name in enumerate(self.names)}
+        return term_means(self.names, totals, losses)

@@ -15,8 +15,8 @@ from . import _router, _trl
 from .._items import KINDS, count_items
 from .._weights import share
 from ..engine.rules.base import first_mean
-from ..engine.rules.terms import check_counters, pair
-from ..engine.rules.terms import count as count_term
+from ..engine.termvalues import check_counters, pair
+from ..engine.termvalues import count as count_term
 
 
 ItemsLike = Union[str, Callable[[Mapping[str, Any]], int], None]

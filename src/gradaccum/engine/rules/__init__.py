@@ -17,6 +17,6 @@ from .base import Rule
 from .coupled import Coupled
 from .mean import Mean
 from .stored import StoredTerms
-from .terms import Terms, check_counters
+from .terms import Terms
 
-__all__ = ["Coupled", "Mean", "Rule", "StoredTerms", "Terms", "check_counters"]
+__all__ = ["Coupled", "Mean", "Rule", "StoredTerms", "Terms"]

@@ -20,7 +20,7 @@ from ..._text import short
 from ..termgrads import TermGrads
 from .base import Rule, add_nothing, check_autocast, check_loss, first_mean, no_num_items, shared_reference
 from .mean import Mean
-from .terms import host_count, pair, term_means
+from ..termvalues import host_count, pair, term_means
 
 if TYPE_CHECKING:
     from ..._state import AccumulatorState
