@@ -9,7 +9,8 @@ window's items: counted at the last stage from the step's whole target before th
 runs (summed over the data-parallel replicas in one small all-reduce), so the weight is exact
 at each backward and reaches every stage through the pipeline's own backward. Build the
 schedule with ``scale_grads=False``; average each stage's gradients over the replicas as
-usual (DDP or FSDP2 per stage, or an all-reduce).
+usual (DDP or FSDP2 per stage, or an all-reduce). DeepSpeed's ``PipelineEngine`` takes the
+same loss in its ``PipelineModule``, with its iterator wrapped by :meth:`ExactLoss.windows`.
 
 Example:
     >>> exact = ExactLoss(lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=-100),
@@ -21,12 +22,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import itertools
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from ._weights import share
+from .engine.parallel import sum_over
 
 __all__ = ["ExactLoss"]
 
@@ -40,25 +43,52 @@ class ExactLoss:
             add up over the micro-batches of a step's target, as counting tokens does.
         data_parallel: the pipeline replicas' process group (the last stages of every
             replica), or None for one replica.
+        divided_by: what the pipeline divides each micro-batch's loss by on its own (DeepSpeed's
+            ``PipelineEngine`` divides by its accumulation steps; :meth:`windows` sets it).
 
     Example:
         >>> exact = ExactLoss(token_mean, lambda y: (y != -100).sum(), data_parallel=dp_group)  # doctest: +SKIP
     """
 
     def __init__(self, loss: Callable[[Any, Any], torch.Tensor], count: Callable[[Any], Any],
-                 data_parallel: Optional[Any] = None):
-        self.loss, self.count, self.group = loss, count, data_parallel
+                 data_parallel: Optional[Any] = None, divided_by: int = 1):
+        self.loss, self.count, self.group, self.divided_by = loss, count, data_parallel, divided_by
         self.total: Optional[float] = None
         self.loss_sum: Any = 0.0
 
     def open(self, target: Any) -> float:
         """Count the step's items from its whole ``target`` (every micro-batch), summed over the
         replicas; call it at the last stage before ``schedule.step``. Returns the total."""
-        local = torch.as_tensor(self.count(target), dtype=torch.float64).reshape(1)
-        if self.group is not None:
-            local = local.clone()
-            dist.all_reduce(local, group=self.group)
-        self.total = float(local)
+        return self._open(torch.as_tensor(self.count(target), dtype=torch.float64).reshape(1))
+
+    def windows(self, batches: Iterable[tuple[Any, Any]], engine: Any) -> Iterator[tuple[Any, Any]]:
+        """DeepSpeed's ``PipelineEngine``: the ``(inputs, target)`` micro-batches to hand to
+        ``engine.train_batch``, each step's counted before its first one is given out.
+
+        ``train_batch`` pulls its accumulation steps' micro-batches one at a time, inside the
+        schedule, and divides every loss by their number; this reads each step's micro-batches
+        ahead, counts their targets over the replicas (the engine's data-parallel group) and
+        undoes the engine's division. Wrap the iterator on every rank; the engine's reported
+        loss is then the mean over the step's items.
+
+        Example:
+            >>> batches = exact.windows(iter(loader), engine)  # doctest: +SKIP
+            >>> loss = engine.train_batch(batches)  # doctest: +SKIP
+        """
+        steps = int(engine.gradient_accumulation_steps())
+        self.divided_by = steps
+        if getattr(engine, "is_data_parallel", False):
+            self.group = engine.grid.get_data_parallel_group()
+        return self._counted(iter(batches), steps)
+
+    def _counted(self, it: Iterator[tuple[Any, Any]], steps: int) -> Iterator[tuple[Any, Any]]:
+        while window := list(itertools.islice(it, steps)):
+            counts = [torch.as_tensor(self.count(target), dtype=torch.float64).reshape(1) for _, target in window]
+            self._open(torch.cat([c.to(counts[0].device) for c in counts]).sum().reshape(1))
+            yield from window
+
+    def _open(self, local: torch.Tensor) -> float:
+        self.total = float(sum_over(local, self.group) if self.group is not None else local)
         if self.total <= 0:
             raise ValueError("a pipeline step with no items to learn from: count(target) is 0 on every replica")
         self.loss_sum = 0.0
@@ -72,15 +102,16 @@ class ExactLoss:
         self.loss_sum = self.loss_sum + mean.detach().double() * n
         world = dist.get_world_size(self.group) if self.group is not None else 1
         # The micro-batch's share of the window's items, times the replicas whose gradients are
-        # averaged; a tensor count stays on the device (no host read per micro-batch).
-        weight = share(n.to(mean.device, torch.float64) if isinstance(n, torch.Tensor) else float(n), self.total, world)
+        # averaged and what the pipeline divides by; a tensor count stays on the device.
+        weight = share(n.to(mean.device, torch.float64) if isinstance(n, torch.Tensor) else float(n), self.total,
+                       world) * self.divided_by
         return mean * (weight.to(mean.dtype) if isinstance(weight, torch.Tensor) else weight)
 
     def close(self) -> float:
         """The step's mean loss over every item of every replica (one small all-reduce)."""
-        local = torch.as_tensor(self.loss_sum, dtype=torch.float64).reshape(1).clone()
+        local = torch.as_tensor(self.loss_sum, dtype=torch.float64).reshape(1)
         if self.group is not None:
-            dist.all_reduce(local, group=self.group)
+            local = sum_over(local, self.group)
         assert self.total is not None
         value, self.total = float(local) / self.total, None
         return value

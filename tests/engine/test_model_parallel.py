@@ -1,6 +1,7 @@
-"""Tensor and context parallelism on a 2-D device mesh (4 CPU ranks): counts summed over the
-data-parallel ranks only (tensor-parallel ranks see the same tokens), the clip norm over the
-whole DTensor gradients, against the float64 big batch of the unsplit model and sequences."""
+"""Tensor and context parallelism on 2-D device meshes (4 CPU ranks) and both together on a 3-D
+one (8 ranks): counts summed over the data-parallel ranks only (tensor-parallel ranks see the
+same tokens), the clip norm over the whole DTensor gradients, against the float64 big batch of
+the unsplit model and sequences."""
 
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ def _clipped(grads, max_norm=0.05):
     return [g * min(1.0, max_norm / (norm + 1e-6)) for g in grads], norm
 
 
-@pytest.mark.parametrize("layout", ["tp", "cp"])
-def test_two_dimensional_meshes_equal_the_float64_big_batch(tmp_path, layout):
-    results = dist_workers.spawn(mp.run, 4, tmp_path, layout)
+@pytest.mark.parametrize("layout,world", [("tp", 4), ("cp", 4), ("3d", 8)])
+def test_meshes_of_two_and_three_dimensions_equal_the_float64_big_batch(tmp_path, layout, world):
+    results = dist_workers.spawn(mp.run, world, tmp_path, layout)
+    assert len(results) == world
     for r in results:
         assert "error" not in r, r.get("trace")
     windows = _windows()
@@ -40,3 +42,5 @@ def test_two_dimensional_meshes_equal_the_float64_big_batch(tmp_path, layout):
         assert r["num_items"] == tokens
         if layout == "tp":  # without data_parallel=, a 2-D mesh is refused, naming what to pass
             assert r["refused"] and "('dp', 'tp')" in r["refused"] and "data_parallel=mesh['dp']" in r["refused"]
+        if layout == "3d":
+            assert r["refused"] and "('dp_cp', 'tp')" in r["refused"] and "data_parallel=" in r["refused"]

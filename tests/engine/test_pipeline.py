@@ -1,6 +1,8 @@
-"""Pipeline parallel (``torch.distributed.pipelining``, 2 stages x 2 replicas on 4 CPU ranks)
-with ``gradaccum.pipeline.ExactLoss``: each step's gradient against the float64 big batch of
-both replicas' sequences, the full model; the stock schedule (``scale_grads=True``) beside it."""
+"""Pipeline parallel on 4 CPU ranks (two pipeline ranks x two data-parallel replicas) with
+``gradaccum.pipeline.ExactLoss``: each step's gradient against the float64 big batch of both
+replicas' sequences through the whole model, the stock schedule beside it. The schedules of
+``torch.distributed.pipelining`` (two stages, or four, two per rank) and DeepSpeed's
+``PipelineEngine``."""
 
 from __future__ import annotations
 
@@ -19,14 +21,46 @@ def _gathered(results, step):
     return by_stage[0] + by_stage[1]
 
 
-def test_gpipe_and_1f1b_equal_the_float64_big_batch_and_stock_does_not(tmp_path):
+def _gathered_quarters(results, step):
+    """The four stages' gradients from the ranks that hold them, in the full model's order."""
+    by_stage = {}
+    for r in results:
+        by_stage.update(r["seen"][step])
+    return [g for i in range(4) for g in by_stage[i]]
+
+
+def test_every_schedule_equals_the_float64_big_batch_and_stock_does_not(tmp_path):
     results = dist_workers.spawn(pp.runs, 4, tmp_path)
     for r in results:
         assert "error" not in r, r.get("trace")
     for schedule in ("gpipe", "1f1b"):
         runs = [r[schedule] for r in results]
-        errors = [rel_error(_gathered(runs, s), pp.reference(s)) for s in range(2)]
+        errors = [rel_error(_gathered(runs, s), pp.reference(s)[0]) for s in range(2)]
         assert max(errors) < 1e-5, (schedule, errors)
     # The stock schedule: the mean of per-micro-batch means, divided by the 3 micro-batches.
     stock = [r["stock"] for r in results]
-    assert max(rel_error(_gathered(stock, s), pp.reference(s)) for s in range(2)) > 0.02
+    assert max(rel_error(_gathered(stock, s), pp.reference(s)[0]) for s in range(2)) > 0.02
+    # Four stages, two per rank: interleaved, looped, zero-bubble and V-shaped schedules.
+    for schedule in pp.MULTI_STAGE:
+        runs = [r[schedule] for r in results]
+        errors = [rel_error(_gathered_quarters(runs, s), pp.reference(s, rows=8)[0]) for s in range(2)]
+        assert max(errors) < 1e-5, (schedule, errors)
+    stock = [r["stock-interleaved"] for r in results]
+    assert max(rel_error(_gathered_quarters(stock, s), pp.reference(s, rows=8)[0]) for s in range(2)) > 0.02
+
+
+def test_deepspeed_pipeline_engine_with_counted_windows(tmp_path):
+    """``ExactLoss.windows`` counts each step's micro-batches before ``train_batch`` runs them
+    and undoes the engine's division by its accumulation steps; stock, every micro-batch's
+    mean is divided by 3."""
+    results = dist_workers.spawn(pp.deepspeed_runs, 4, tmp_path)
+    for r in results:
+        assert "error" not in r, r.get("trace")
+    for s in range(2):
+        want, loss = pp.reference(s)
+        exact = [r["exact"] for r in results]
+        assert rel_error(_gathered(exact, s), want) < 1e-5
+        # The loss train_batch reports is the step's mean over every item of both replicas.
+        assert all(r["loss"][s] == pytest.approx(loss, rel=1e-5) for r in exact)
+        assert rel_error(_gathered([r["stock"] for r in results], s), want) > 0.02
+    assert all("exact.windows(batches, engine)" in r["exact"]["refused"] for r in results)

@@ -14,7 +14,7 @@ LR = 0.1
 SIZES = [[3, 1, 4, 2, 2, 1, 3], [2, 2, 5, 1, 1, 2]]
 
 
-def _environment(rank: int, world: int) -> None:
+def environment(rank: int, world: int) -> None:
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="29611")
 
@@ -69,7 +69,7 @@ def loaders(rank: int, scenario: str):
 
 def exact(rank, world, stage, scenario, extra=None, clip=None, sync_every=False):
     """Train through gradaccum over a DeepSpeed engine; record weights, windows and traffic."""
-    _environment(rank, world)
+    environment(rank, world)
     engine, optimizer = engine_for(stage, extra)
     loader, steps = loaders(rank, scenario)
     acc = gradaccum.Accumulator(engine, optimizer, steps=steps, max_grad_norm=clip, sync_every_micro_batch=sync_every)
@@ -93,7 +93,7 @@ def exact(rank, world, stage, scenario, extra=None, clip=None, sync_every=False)
 
 def stock(rank, world, stage, k):
     """DeepSpeed's own loop over the same data: engine.backward divides by k (the seeds' loop)."""
-    _environment(rank, world)
+    environment(rank, world)
     engine, _ = engine_for(stage, {"gradient_accumulation_steps": k})
     data = micro_batches(SIZES[rank][:k], seed=1 + rank)
     before = full_weights(engine)
@@ -107,7 +107,7 @@ def stock(rank, world, stage, k):
 def checkpoint(rank, world, stage, directory, phase):
     """Windows 1-2, save at the boundary (engine + accumulator), then windows 3-4 in a fresh
     engine loaded from it; ``phase='straight'`` runs all four in one go."""
-    _environment(rank, world)
+    environment(rank, world)
     data = micro_batches([2, 3, 1, 2, 4, 1, 2, 2][::1 if rank == 0 else -1], seed=5 + rank)
     engine, optimizer = engine_for(stage, seed=0)
     acc = gradaccum.Accumulator(engine, optimizer, steps=2)
@@ -142,7 +142,7 @@ def checkpoint(rank, world, stage, directory, phase):
 
 def refusals(rank, world):
     """What cannot hold under DeepSpeed is refused when the Accumulator is built, or at the call."""
-    _environment(rank, world)
+    environment(rank, world)
     engine, optimizer = engine_for(2, {"gradient_clipping": 1.0})
     out = {}
     attempts = {
@@ -191,7 +191,7 @@ def refusals(rank, world):
 def accelerate_exact(rank, world, stage, guard, clip=0.05):
     """ExactAccelerator with Accelerate's DeepSpeed plugin, k=3, uneven tokens per rank; the
     loop of docs/accelerate.md (clip_grad_norm_ every micro-batch unless ``guard``)."""
-    _environment(rank, world)
+    environment(rank, world)
     import accelerate
     from accelerate.utils import DeepSpeedPlugin
 
@@ -235,7 +235,7 @@ def lightning(rank, world, stage, exact):
     """Lightning's DeepSpeedStrategy with ExactAccumulation (or stock), k=4, SGD; the weights
     before and after. Lightning runs that strategy on CUDA only: the test's subclass lifts that
     check (and the device index DeepSpeed wants), nothing else."""
-    _environment(rank, world)
+    environment(rank, world)
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 

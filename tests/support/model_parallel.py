@@ -1,4 +1,4 @@
-"""Model-parallel layouts on 4 CPU ranks (gloo), for ``tests/engine/test_model_parallel.py``.
+"""Model-parallel layouts on 4 and 8 CPU ranks (gloo), for ``tests/engine/test_model_parallel.py``.
 
 The model is per-token (embedding, an MLP whose two layers are split over the tensor-parallel
 ranks, a head), so that padding cannot leak and a sequence can be cut along its tokens for
@@ -63,30 +63,31 @@ def _full(t):
 def run(rank: int, world: int, layout: str) -> dict:
     """``tp``: FSDP2 over "dp" x tensor parallel over "tp" (first, the Accumulator built without
     ``data_parallel``: refused); ``cp``: each sequence's tokens cut over "cp", FSDP2 over "dp"
-    and "cp" flattened."""
+    and "cp" flattened; ``3d``: both on 8 ranks, "dp" x "cp" x "tp"."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    names = ("dp", "cp") if layout == "cp" else ("dp", "tp")
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
+    names = {"tp": ("dp", "tp"), "cp": ("dp", "cp"), "3d": ("dp", "cp", "tp")}[layout]
+    mesh = init_device_mesh("cpu", (2,) * len(names), mesh_dim_names=names)
     net = model()
-    if layout == "tp":
+    if "tp" in names:
         parallelize_module(net, mesh["tp"], {"w1": ColwiseParallel(), "w2": RowwiseParallel()})
-        m = fully_shard(net, mesh=mesh["dp"])
-        data_parallel = mesh["dp"]
-    else:
+    if "cp" in names:
         m = fully_shard(net, mesh=mesh[("dp", "cp")]._flatten())
         data_parallel = mesh[("dp", "cp")]
+    else:
+        m = fully_shard(net, mesh=mesh["dp"])
+        data_parallel = mesh["dp"]
     opt = RecordingSGD(m.parameters(), lr=0.0)
     refused = None
-    if layout == "tp":  # a 2-D mesh and nothing said about which dimension is data-parallel
+    if layout != "cp":  # a mesh of several dimensions, nothing said about which are data-parallel
         try:
             gradaccum.Accumulator(m, opt, steps=3)
         except ValueError as exc:
             refused = str(exc)
     acc = gradaccum.Accumulator(m, opt, steps=3, max_grad_norm=0.05, data_parallel=data_parallel)
-    group, part = mesh["dp"].get_local_rank(), (mesh["cp"].get_local_rank() if layout == "cp" else None)
+    group, part = mesh["dp"].get_local_rank(), (mesh["cp"].get_local_rank() if "cp" in names else None)
     reports = []
     for window in acc.windows(data(group)):
         for b in window:

@@ -1,12 +1,14 @@
-"""Two pipeline stages x two data-parallel replicas on 4 CPU ranks, with
-``torch.distributed.pipelining``, for ``tests/engine/test_pipeline.py``."""
+"""Pipelines on 4 CPU ranks (two pipeline ranks x two data-parallel replicas) for
+``tests/engine/test_pipeline.py``: ``torch.distributed.pipelining`` with two stages, or four
+stages two per rank (the interleaved and V-shaped schedules), and DeepSpeed's ``PipelineEngine``."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from support.reference import VOCAB, make_sequences
+import gradaccum
+from support.reference import VOCAB, RecordingSGD, make_sequences
 
 ROWS, MICRO, LENGTH = 6, 3, 16  # each replica's step: 6 sequences padded to 16 tokens, 3 micro-batches of 2
 
@@ -51,10 +53,38 @@ def token_mean(logits, target):
     return F.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1), ignore_index=-100)
 
 
+class Piece(torch.nn.Module):
+    """A quarter of the model (one layer, and the tanh after it where there is one)."""
+
+    def __init__(self, layer: torch.nn.Module, tanh: bool):
+        super().__init__()
+        self.layer, self.tanh = layer, tanh
+
+    def forward(self, x):
+        y = self.layer(x)
+        return torch.tanh(y) if self.tanh else y
+
+
+def quarters() -> list[Piece]:
+    """The same model as ``stages()``, in four stages."""
+    front, back = stages()
+    return [Piece(front.emb, False), Piece(front.w1, True), Piece(back.w2, True), Piece(back.head, False)]
+
+
+MULTI_STAGE = ["ScheduleInterleaved1F1B", "ScheduleLoopedBFS", "ScheduleInterleavedZeroBubble",
+               "ScheduleZBVZeroBubble", "ScheduleDualPipeV"]
+V_SHAPED = {"ScheduleZBVZeroBubble", "ScheduleDualPipeV"}  # rank 0 holds the first and the last stage
+
+
 def runs(rank: int, world: int) -> dict:
-    """GPipe and 1F1B with ExactLoss, and the stock GPipe, one after the other."""
-    return {name: run(rank, world, schedule, exact)
-            for name, schedule, exact in (("gpipe", "gpipe", True), ("1f1b", "1f1b", True), ("stock", "gpipe", False))}
+    """GPipe and 1F1B with ExactLoss, the stock GPipe, then every multi-stage schedule with
+    ExactLoss and the stock interleaved 1F1B, one after the other."""
+    out = {name: run(rank, world, schedule, exact)
+           for name, schedule, exact in (("gpipe", "gpipe", True), ("1f1b", "1f1b", True), ("stock", "gpipe", False))}
+    for name in MULTI_STAGE:
+        out[name] = run_multi(rank, name, True)
+    out["stock-interleaved"] = run_multi(rank, "ScheduleInterleaved1F1B", False)
+    return out
 
 
 def run(rank: int, world: int, schedule_name: str, exact: bool) -> dict:
@@ -92,11 +122,98 @@ def run(rank: int, world: int, schedule_name: str, exact: bool) -> dict:
     return {"stage": stage_index, "seen": seen}
 
 
-def reference(step: int) -> list[torch.Tensor]:
-    """The float64 gradient of the mean next-token loss over both replicas' 12 sequences."""
+def run_multi(rank: int, schedule_name: str, exact: bool) -> dict:
+    """Two steps of a schedule with two of the four stages on each pipeline rank (stages r and
+    r + 2, or r and 3 - r for the V-shaped ones), 4 micro-batches of 2; the gradients of this
+    rank's stages, averaged over the replicas, by stage index."""
+    import torch.distributed as dist
+    from torch.distributed import pipelining
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from gradaccum.pipeline import ExactLoss
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+    replica, r = mesh["dp"].get_local_rank(), mesh["pp"].get_local_rank()
+    mine = [r, 3 - r] if schedule_name in V_SHAPED else [r, r + 2]
+    pieces = quarters()
+    stage_list = [pipelining.PipelineStage(pieces[i], i, 4, torch.device("cpu"), group=mesh["pp"].get_group())
+                  for i in mine]
+    dp = mesh["dp"].get_group()
+    loss_fn = ExactLoss(token_mean, lambda y: (y != -100).sum(), data_parallel=dp) if exact else token_mean
+    schedule = getattr(pipelining, schedule_name)(stage_list, n_microbatches=4, loss_fn=loss_fn,
+                                                  scale_grads=not exact)
+    seen = []
+    for step in range(2):
+        ids, target = step_data(replica, step, rows=8)
+        last = {"target": target, "losses": []} if 3 in mine else {}
+        if exact and 3 in mine:
+            loss_fn.open(target)
+        schedule.step(*([ids] if 0 in mine else []), **last)
+        by_stage = {}
+        for i in mine:
+            grads = [p.grad for p in pieces[i].parameters()]
+            for g in grads:
+                dist.all_reduce(g, group=dp)
+                g.div_(dist.get_world_size(dp))
+            by_stage[i] = [g.detach().double().clone() for g in grads]
+            pieces[i].zero_grad(set_to_none=True)
+        seen.append(by_stage)
+    return {"seen": seen}
+
+
+GAS, MICRO_ROWS = 3, 2  # DeepSpeed: each replica's step is 3 micro-batches of 2 sequences
+
+
+def deepspeed_runs(rank: int, world: int) -> dict:
+    """DeepSpeed's PipelineEngine, 2 stages x 2 replicas: with ExactLoss, then stock."""
+    from support.deepspeed_workers import environment
+
+    environment(rank, world)
+    return {"exact": deepspeed_run(True), "stock": deepspeed_run(False)}
+
+
+def deepspeed_run(exact: bool) -> dict:
+    """Two ``train_batch`` steps; each stage's gradient when the optimizer steps (after the
+    engine's own all-reduce over the replicas) and the loss ``train_batch`` returns."""
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+
+    from gradaccum.pipeline import ExactLoss
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    front, back = stages()
+    loss_fn = ExactLoss(token_mean, lambda y: (y != -100).sum()) if exact else token_mean
+    net = PipelineModule(layers=[front.emb, front.w1, torch.nn.Tanh(), back.w2, torch.nn.Tanh(), back.head],
+                         num_stages=2, loss_fn=loss_fn, partition_method="uniform")
+    optimizer = RecordingSGD(net.parameters(), lr=0.0)
+    config = {"train_micro_batch_size_per_gpu": MICRO_ROWS, "gradient_accumulation_steps": GAS,
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=config)
+    replica = engine.grid.get_data_parallel_id()
+    refused = None
+    try:  # the Accumulator cannot drive train_batch(): it says what to use instead
+        gradaccum.Accumulator(engine, optimizer, steps=GAS)
+    except ValueError as exc:
+        refused = str(exc)
+
+    def micro_batches():
+        for step in range(2):
+            ids, target = step_data(replica, step)
+            for i in range(0, ROWS, MICRO_ROWS):
+                yield ids[i:i + MICRO_ROWS], target[i:i + MICRO_ROWS]
+
+    batches = loss_fn.windows(micro_batches(), engine) if exact else micro_batches()
+    losses = [float(engine.train_batch(batches)) for _ in range(2)]
+    return {"stage": engine.stage_id, "seen": [[g.double() for g in step] for step in optimizer.seen],
+            "loss": losses, "refused": refused}
+
+
+def reference(step: int, rows: int = ROWS) -> tuple[list[torch.Tensor], float]:
+    """The float64 gradient of the mean next-token loss over both replicas' sequences, and that loss."""
     front, back = stages()
     front, back = front.double(), back.double()
-    ids = torch.cat([step_data(r, step)[0] for r in range(2)])
-    target = torch.cat([step_data(r, step)[1] for r in range(2)])
-    token_mean(back(front(ids)), target).backward()
-    return [p.grad.detach().clone() for p in list(front.parameters()) + list(back.parameters())]
+    ids = torch.cat([step_data(r, step, rows)[0] for r in range(2)])
+    target = torch.cat([step_data(r, step, rows)[1] for r in range(2)])
+    loss = token_mean(back(front(ids)), target)
+    loss.backward()
+    return [p.grad.detach().clone() for p in list(front.parameters()) + list(back.parameters())], float(loss.detach())

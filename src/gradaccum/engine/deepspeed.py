@@ -194,8 +194,9 @@ def check(engine: Any, optimizer: Any, precision: str, accum_dtype: Any, compact
     """Refuse what cannot hold under DeepSpeed, before any work; return the optimizer to use."""
     if type(engine).__name__ == "PipelineEngine" or getattr(engine, "pipeline_parallelism", False):
         raise ValueError(
-            "a DeepSpeed PipelineEngine: its train_batch() runs the micro-batches itself, so no window "
-            "can weigh them. Use a DeepSpeedEngine without pipeline parallelism"
+            "a DeepSpeed PipelineEngine: its train_batch() runs the micro-batches itself, so an Accumulator "
+            "cannot open windows around them. Build the PipelineModule with loss_fn=gradaccum.pipeline.ExactLoss"
+            "(loss, count) and call engine.train_batch(exact.windows(batches, engine)): docs/model-parallel.md"
         )
     accepted = [engine.optimizer, getattr(engine.optimizer, "optimizer", None), getattr(engine, "client_optimizer", None)]
     if engine.optimizer is None or not any(optimizer is o for o in accepted if o is not None):

@@ -101,6 +101,24 @@ class SingleProcess:
         pass
 
 
+def sum_over(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """A copy of ``t`` summed over ``group``'s ranks, on the device its backend reduces on.
+
+    Example:
+        >>> sum_over(torch.tensor([3.0], dtype=torch.float64), group)  # doctest: +SKIP
+        tensor([6.], dtype=torch.float64)
+    """
+    # gloo has no float64 reduction on CUDA tensors; NCCL has no CPU tensors.
+    nccl = dist.get_backend(group) == "nccl"
+    if not nccl and t.device.type != "cpu":
+        t = t.cpu()
+    elif nccl and t.device.type == "cpu":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
 class _Ranks(SingleProcess):
     def __init__(self, model: torch.nn.Module, group: Any = None):
         self.model = model
@@ -116,14 +134,7 @@ class _Ranks(SingleProcess):
             return values
         on_device = isinstance(values, torch.Tensor)
         t = values if isinstance(values, torch.Tensor) else torch.tensor([float(v) for v in values], dtype=torch.float64)
-        # gloo has no float64 reduction on CUDA tensors; NCCL has no CPU tensors.
-        nccl = dist.get_backend(self.group) == "nccl"
-        if not nccl and t.device.type != "cpu":
-            t = t.cpu()
-        elif nccl and t.device.type == "cpu":
-            t = t.to(torch.device("cuda", torch.cuda.current_device()))
-        t = t.clone()
-        dist.all_reduce(t, group=self.group)
+        t = sum_over(t, self.group)
         return t if on_device else t.tolist()
 
 
