@@ -2,7 +2,7 @@
 ``gradaccum.pipeline.ExactLoss``: each step's gradient against the float64 big batch of both
 replicas' sequences through the whole model, the stock schedule beside it. The schedules of
 ``torch.distributed.pipelining`` (two stages, or four, two per rank) and DeepSpeed's
-``PipelineEngine``."""
+``PipelineEngine``; and a 2 x 2 x 2 mesh of data, pipeline and tensor parallel on 8 ranks."""
 
 from __future__ import annotations
 
@@ -64,3 +64,13 @@ def test_deepspeed_pipeline_engine_with_counted_windows(tmp_path):
         assert all(r["loss"][s] == pytest.approx(loss, rel=1e-5) for r in exact)
         assert rel_error(_gathered([r["stock"] for r in results], s), want) > 0.02
     assert all("exact.windows(batches, engine)" in r["exact"]["refused"] for r in results)
+
+
+def test_data_pipeline_and_tensor_parallel_on_a_three_dimensional_mesh(tmp_path):
+    results = dist_workers.spawn(pp.run_3d, 8, tmp_path)
+    for r in results:
+        assert "error" not in r, r.get("trace")
+    for s in range(2):
+        for tp_rank in range(2):  # each tensor-parallel rank's copy of the full gradient
+            mine = [r for rank, r in enumerate(results) if rank % 2 == tp_rank]
+            assert rel_error(_gathered(mine, s), pp.reference(s)[0]) < 1e-5

@@ -1,6 +1,7 @@
 """Pipelines on 4 CPU ranks (two pipeline ranks x two data-parallel replicas) for
 ``tests/engine/test_pipeline.py``: ``torch.distributed.pipelining`` with two stages, or four
-stages two per rank (the interleaved and V-shaped schedules), and DeepSpeed's ``PipelineEngine``."""
+stages two per rank (the interleaved and V-shaped schedules), and DeepSpeed's ``PipelineEngine``;
+on 8 ranks, two stages whose layers are split over two tensor-parallel ranks."""
 
 from __future__ import annotations
 
@@ -159,6 +160,46 @@ def run_multi(rank: int, schedule_name: str, exact: bool) -> dict:
             pieces[i].zero_grad(set_to_none=True)
         seen.append(by_stage)
     return {"seen": seen}
+
+
+def run_3d(rank: int, world: int) -> dict:
+    """1F1B on a ("dp", "pp", "tp") mesh of 2 x 2 x 2: the first stage's ``w1`` split by
+    columns and the second's ``w2`` by rows over "tp" (the activation crosses stages as its
+    tensor-parallel shard); the counts summed over "dp" only. Each stage's full gradient,
+    averaged over the replicas, per step."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from gradaccum.pipeline import ExactLoss
+
+    mesh = init_device_mesh("cpu", (2, 2, 2), mesh_dim_names=("dp", "pp", "tp"))
+    replica, stage_index = mesh["dp"].get_local_rank(), mesh["pp"].get_local_rank()
+    front, back = stages()
+    module = (parallelize_module(front, mesh["tp"], {"w1": ColwiseParallel()}) if stage_index == 0
+              else parallelize_module(back, mesh["tp"], {"w2": RowwiseParallel()}))
+    stage = PipelineStage(module, stage_index, 2, torch.device("cpu"), group=mesh["pp"].get_group())
+    dp = mesh["dp"].get_group()
+    exact = ExactLoss(token_mean, lambda y: (y != -100).sum(), data_parallel=dp)
+    schedule = Schedule1F1B(stage, n_microbatches=MICRO, loss_fn=exact, scale_grads=False)
+    seen = []
+    for step in range(2):
+        ids, target = step_data(replica, step)
+        if stage_index == 0:
+            schedule.step(ids)
+        else:
+            exact.open(target)
+            schedule.step(target=target, losses=[])
+        grads = []
+        for p in module.parameters():
+            local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            dist.all_reduce(local, group=dp)  # average over the replicas, shard by shard
+            local.div_(dist.get_world_size(dp))
+            grads.append((p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().double())
+        seen.append(grads)
+        module.zero_grad(set_to_none=True)
+    return {"stage": stage_index, "seen": seen}
 
 
 GAS, MICRO_ROWS = 3, 2  # DeepSpeed: each replica's step is 3 micro-batches of 2 sequences
