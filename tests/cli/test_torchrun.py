@@ -67,14 +67,17 @@ def ddp_run(tmp_path_factory):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("shard", ["ddp", "fsdp2", pytest.param("zero1", marks=deepspeed),
+@pytest.mark.parametrize("shard", ["ddp", "fsdp2", "hsdp", pytest.param("zero1", marks=deepspeed),
                                    pytest.param("zero2", marks=deepspeed), pytest.param("zero3", marks=deepspeed)])
 def test_each_layout_trains_and_resumes_to_the_uninterrupted_run(tmp_path, ddp_run, shard):
     out = tmp_path / shard
     if shard == "ddp":
         shutil.copytree(ddp_run, out)
     else:
-        proc = _torchrun(*ARGS, "--shard", shard, "--out", str(out))
+        # hsdp: two copies of one shard each, so the items are counted over the "replicate"
+        # dimension: counted over "shard" alone, the weights would not be DDP's.
+        extra = ["--replicas", "2"] if shard == "hsdp" else []
+        proc = _torchrun(*ARGS, "--shard", shard, *extra, "--out", str(out))
         assert launch.finished(proc), proc.stderr[-3000:]
     last, before = out / "checkpoints" / "step-0000004", out / "checkpoints" / "step-0000003"
     straight = _weights(last)
@@ -115,6 +118,12 @@ def test_sharded_layouts_refuse_what_they_cannot_do(tmp_path):
         TrainConfig(shard="fsdp2", accum_dtype="float32")
     with pytest.raises(ConfigError, match="--shard must be one of"):
         TrainConfig(shard="zero4")
+    with pytest.raises(ConfigError, match="--replicas with --shard fsdp2: only --shard hsdp"):
+        TrainConfig(shard="fsdp2", replicas=2)
+    from gradaccum.recipes.shard import hsdp_replicas
+
+    with pytest.raises(ConfigError, match="--replicas 3 does not divide the 4 ranks"):
+        hsdp_replicas(3, world=4, local_world=4)
     proc = subprocess.run([sys.executable, "-m", "gradaccum", "train", *ARGS, "--shard", "fsdp2", "--out",
                            str(tmp_path / "one")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "start the run under torchrun" in proc.stderr

@@ -14,9 +14,9 @@ from support.reference import rel_error
 pytestmark = pytest.mark.multiprocess
 
 
-def _windows():
-    groups = [mp.data(0), mp.data(1)]
-    return [groups[0][0:3] + groups[1][0:3], groups[0][3:6] + groups[1][3:6]]
+def _windows(groups: int = 2):
+    data = [mp.data(g) for g in range(groups)]
+    return [[b for d in data for b in d[0:3]], [b for d in data for b in d[3:6]]]
 
 
 def _clipped(grads, max_norm=0.05):
@@ -24,13 +24,13 @@ def _clipped(grads, max_norm=0.05):
     return [g * min(1.0, max_norm / (norm + 1e-6)) for g in grads], norm
 
 
-@pytest.mark.parametrize("layout,world", [("tp", 4), ("cp", 4), ("3d", 8)])
+@pytest.mark.parametrize("layout,world", [("tp", 4), ("cp", 4), ("3d", 8), ("hsdp", 4)])
 def test_meshes_of_two_and_three_dimensions_equal_the_float64_big_batch(tmp_path, layout, world):
     results = dist_workers.spawn(mp.run, world, tmp_path, layout)
     assert len(results) == world
     for r in results:
         assert "error" not in r, r.get("trace")
-    windows = _windows()
+    windows = _windows(4 if layout == "hsdp" else 2)
     wants = mp.reference(windows)
     tokens = [float(sum(b["mask"][:, 1:].sum() for b in w)) for w in windows]
     for r in results:
@@ -42,5 +42,7 @@ def test_meshes_of_two_and_three_dimensions_equal_the_float64_big_batch(tmp_path
         assert r["num_items"] == tokens
         if layout == "tp":  # without data_parallel=, a 2-D mesh is refused, naming what to pass
             assert r["refused"] and "('dp', 'tp')" in r["refused"] and "data_parallel=mesh['dp']" in r["refused"]
+        if layout == "hsdp":  # both dimensions data-parallel: refused without data_parallel=mesh too
+            assert r["refused"] and "('replicate', 'shard')" in r["refused"] and "HSDP" in r["refused"]
         if layout == "3d":
             assert r["refused"] and "('dp_cp', 'tp')" in r["refused"] and "data_parallel=" in r["refused"]

@@ -14,7 +14,8 @@ import gradaccum
 from support.matrix_cells import batch_of
 from support.reference import VOCAB, RecordingSGD, make_sequences
 
-SIZES = [[3, 1, 4, 2, 2, 3], [2, 4, 1, 3, 2, 1]]  # each data-parallel group's micro-batches, k = 3
+# Each data-parallel group's micro-batches, k = 3 (HSDP's four ranks are four groups).
+SIZES = [[3, 1, 4, 2, 2, 3], [2, 4, 1, 3, 2, 1], [1, 1, 5, 2, 3, 1], [4, 2, 1, 1, 1, 3]]
 
 
 class MLPLM(torch.nn.Module):
@@ -63,22 +64,23 @@ def _full(t):
 def run(rank: int, world: int, layout: str) -> dict:
     """``tp``: FSDP2 over "dp" x tensor parallel over "tp" (first, the Accumulator built without
     ``data_parallel``: refused); ``cp``: each sequence's tokens cut over "cp", FSDP2 over "dp"
-    and "cp" flattened; ``3d``: both on 8 ranks, "dp" x "cp" x "tp"."""
+    and "cp" flattened; ``3d``: both on 8 ranks, "dp" x "cp" x "tp"; ``hsdp``: FSDP2 over a
+    ("replicate", "shard") mesh, every rank data-parallel."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    names = {"tp": ("dp", "tp"), "cp": ("dp", "cp"), "3d": ("dp", "cp", "tp")}[layout]
+    names = {"tp": ("dp", "tp"), "cp": ("dp", "cp"), "3d": ("dp", "cp", "tp"), "hsdp": ("replicate", "shard")}[layout]
     mesh = init_device_mesh("cpu", (2,) * len(names), mesh_dim_names=names)
     net = model()
     if "tp" in names:
         parallelize_module(net, mesh["tp"], {"w1": ColwiseParallel(), "w2": RowwiseParallel()})
-    if "cp" in names:
-        m = fully_shard(net, mesh=mesh[("dp", "cp")]._flatten())
-        data_parallel = mesh[("dp", "cp")]
+    if layout == "hsdp":  # replicated over one dimension, sharded over the other: both data-parallel
+        m, data_parallel = fully_shard(net, mesh=mesh), mesh
+    elif "cp" in names:
+        m, data_parallel = fully_shard(net, mesh=mesh[("dp", "cp")]._flatten()), mesh[("dp", "cp")]
     else:
-        m = fully_shard(net, mesh=mesh["dp"])
-        data_parallel = mesh["dp"]
+        m, data_parallel = fully_shard(net, mesh=mesh["dp"]), mesh["dp"]
     opt = RecordingSGD(m.parameters(), lr=0.0)
     refused = None
     if layout != "cp":  # a mesh of several dimensions, nothing said about which are data-parallel
@@ -87,7 +89,8 @@ def run(rank: int, world: int, layout: str) -> dict:
         except ValueError as exc:
             refused = str(exc)
     acc = gradaccum.Accumulator(m, opt, steps=3, max_grad_norm=0.05, data_parallel=data_parallel)
-    group, part = mesh["dp"].get_local_rank(), (mesh["cp"].get_local_rank() if "cp" in names else None)
+    group = rank if layout == "hsdp" else mesh["dp"].get_local_rank()
+    part = mesh["cp"].get_local_rank() if "cp" in names else None
     reports = []
     for window in acc.windows(data(group)):
         for b in window:

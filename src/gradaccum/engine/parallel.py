@@ -314,8 +314,9 @@ def data_parallel_group(model: torch.nn.Module, params: list[torch.Tensor], data
             f"the model's parameters lie on a device mesh with dimensions {names}, and the Accumulator cannot tell "
             "which of them are data-parallel: ranks of a tensor-parallel dimension see the same tokens and must not "
             "be counted twice, ranks of a context-parallel one see parts of the same sequences and must. Pass "
-            f"data_parallel=mesh[{names[0]!r}] (the data-parallel dimension), or data_parallel=mesh[(\"dp\", \"cp\")] "
-            "with context parallelism")
+            f"data_parallel=mesh[{names[0]!r}] (the data-parallel dimension), data_parallel=mesh[(\"dp\", \"cp\")] "
+            "with context parallelism, or data_parallel=mesh (every dimension) for HSDP, FSDP2 replicating over "
+            "one dimension and sharding over the other")
     return None
 
 

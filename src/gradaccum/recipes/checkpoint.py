@@ -95,7 +95,7 @@ def _write(tmp: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
     if weights is None:
         save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (GPT-2's head)
     else:  # gathered from shards: tied weights are stored once each way, as loaded back
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        save_file(_unshared(weights), str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
     files = sorted(f for f in tmp.rglob("*") if f.is_file())
     sums = {f.relative_to(tmp).as_posix(): sha256(f) for f in files}
@@ -103,6 +103,21 @@ def _write(tmp: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
     for f in files + [tmp / MANIFEST]:
         with f.open("rb") as fh:
             os.fsync(fh.fileno())
+
+
+def _unshared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, each with its own memory: a gather over shards of one rank (HSDP's
+    replicas of one shard each) hands back a tied weight's two names on one storage, which
+    safetensors refuses to write."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in weights.items():
+        v = v.contiguous()
+        if v.untyped_storage().data_ptr() in seen:
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    return out
 
 
 def _disk_full(exc: BaseException) -> bool:

@@ -31,7 +31,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "lm": {"lr": 1e-4},
 }
 PRECISIONS = ("fp32", "bf16", "fp16")
-SHARDS = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
+SHARDS = ("ddp", "fsdp2", "hsdp", "zero1", "zero2", "zero3")
 LR_RULES = ("none", "linear", "sqrt")
 ACCUM_DTYPES = ("float32", "float64")
 DATA_SUFFIXES = (".csv", ".tsv", ".jsonl")
@@ -96,7 +96,8 @@ class TrainConfig:
     tensorboard: bool = _field(False, "also write TensorBoard events to OUT/tensorboard (needs tensorboard installed)")
     device: str = _field("auto", "cpu, cuda, cuda:N, or auto (cuda when available)", metavar="DEVICE")
     data_changed: bool = _field(False, "--resume: go on although the --data file changed since the run's last checkpoint (its rows, split and order then differ from the run's)")
-    shard: str = _field("ddp", "under torchrun: ddp (a whole model on every rank), fsdp2 (fully_shard: weights, gradients and optimizer state sharded), zero1, zero2 or zero3 (DeepSpeed ZeRO; needs gradaccum[deepspeed]); gradaccum plan says which fits a memory budget", choices=SHARDS)
+    shard: str = _field("ddp", "under torchrun: ddp (a whole model on every rank), fsdp2 (fully_shard: weights, gradients and optimizer state sharded), hsdp (fsdp2 within each of --replicas groups of ranks, replicated across them), zero1, zero2 or zero3 (DeepSpeed ZeRO; needs gradaccum[deepspeed]); gradaccum plan says which fits a memory budget", choices=SHARDS)
+    replicas: Optional[int] = _field(None, "--shard hsdp: how many groups the ranks form, each holding one sharded copy of the model (it must divide the ranks; default: one per node, WORLD_SIZE / LOCAL_WORLD_SIZE)")
     train_limit: Optional[int] = _field(None, "use only the first N training examples (smoke tests)")
     eval_limit: Optional[int] = _field(None, "evaluate on only the first N evaluation examples")
 
@@ -115,7 +116,7 @@ class TrainConfig:
             )
         if self.micro_batch != "auto":
             _positive_int(self, "micro_batch")
-        _optional_positive_int(self, "max_steps", "train_limit", "eval_limit", "max_tokens")
+        _optional_positive_int(self, "max_steps", "train_limit", "eval_limit", "max_tokens", "replicas")
         if self.memory_budget is not None:
             parse_bytes(self.memory_budget)
         if isinstance(self.micro_batch, int) and self.effective_batch < self.micro_batch:
@@ -281,6 +282,9 @@ def check_model_dir(path: str) -> None:
 
 def _check_shard(cfg: TrainConfig) -> None:
     """What a sharded layout cannot do, refused before any work."""
+    if cfg.replicas is not None and cfg.shard != "hsdp":
+        raise ConfigError(f"--replicas with --shard {cfg.shard}: only --shard hsdp holds several sharded copies of the "
+                          "model; use --shard hsdp, or leave --replicas out")
     if cfg.shard == "ddp":
         return
     if cfg.task == "retrieval":

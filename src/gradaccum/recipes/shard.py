@@ -1,7 +1,8 @@
 """How ``gradaccum train --shard`` lays the model over the ranks: one layout per mode.
 
 ``ddp`` keeps a whole model on every rank; ``fsdp2`` shards parameters, gradients and
-optimizer state with ``fully_shard``; ``zero1``/``zero2``/``zero3`` hand the model to
+optimizer state with ``fully_shard``; ``hsdp`` does so within groups of ranks and replicates
+across them (a 2-D mesh, both dimensions data-parallel); ``zero1``/``zero2``/``zero3`` hand the model to
 DeepSpeed. Each layout says how to wrap the model and build the optimizer, whether every rank
 must join an evaluation (sharded weights are gathered inside the forward), and how a
 checkpoint saves and restores what the ranks hold. The training loop is the same for all:
@@ -41,6 +42,7 @@ class Layout:
     evaluate_everywhere = False  # rank 0 alone can run a forward
     precision_of_engine = False  # the Accumulator's precision is the run's
     sync_every_micro_batch = False  # one gradient reduction per window
+    data_parallel: Any = None  # the ranks that see different micro-batches, when not the default group
 
     def wrap(self, core: torch.nn.Module, world: int, device: torch.device, lr: float, weight_decay: float,
              cfg: Any) -> tuple[torch.nn.Module, Any, torch.optim.Optimizer]:
@@ -89,14 +91,19 @@ class FSDP2(Layout):
     def wrap(self, core, world, device, lr, weight_decay, cfg):
         from torch.distributed.fsdp import fully_shard
 
+        mesh = self.mesh(world, device, cfg)
         for module in list(core.modules()):
             if isinstance(module, torch.nn.ModuleList):  # the transformer's blocks
                 for block in module:
-                    fully_shard(block)
-        fully_shard(core)
+                    fully_shard(block, mesh=mesh)
+        fully_shard(core, mesh=mesh)
         self._model = core
         optimizer = adamw(core, lr, weight_decay)
         return core, optimizer, optimizer
+
+    def mesh(self, world: int, device: torch.device, cfg: Any) -> Any:
+        """The device mesh to shard over (None: every rank, one dimension)."""
+        return None
 
     @property
     def compact(self) -> bool:
@@ -129,6 +136,39 @@ class FSDP2(Layout):
                                  options=self._options(broadcast_from_rank0=True))
 
     _model: torch.nn.Module
+
+
+class HSDP(FSDP2):
+    """``fully_shard`` over a ("replicate", "shard") mesh: each of ``--replicas`` groups of
+    ranks holds one sharded copy, the gradient reduce-scattered within a group and all-reduced
+    across them. Every rank sees its own micro-batches, so items are counted over the whole
+    mesh (``data_parallel=mesh``). Checkpoints as ``fsdp2``."""
+
+    name = "hsdp"
+
+    def mesh(self, world, device, cfg):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        replicas = hsdp_replicas(cfg.replicas, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        self.data_parallel = init_device_mesh(device.type, (replicas, world // replicas),
+                                              mesh_dim_names=("replicate", "shard"))
+        return self.data_parallel
+
+
+def hsdp_replicas(replicas: Optional[int], world: int, local_world: int) -> int:
+    """How many sharded copies ``--shard hsdp`` makes: ``--replicas``, else one per node;
+    refused, before any work, when it does not divide the ranks.
+
+    >>> hsdp_replicas(None, world=16, local_world=8)
+    2
+    """
+    from .config import ConfigError
+
+    chosen = replicas if replicas is not None else max(1, world // max(1, local_world))
+    if world % chosen:
+        raise ConfigError(f"--replicas {chosen} does not divide the {world} ranks: --shard hsdp makes {chosen} "
+                          f"groups of equal size; give --replicas a divisor of {world}")
+    return chosen
 
 
 class Zero(Layout):
@@ -198,4 +238,4 @@ def layout(name: str) -> Layout:
     """
     if name.startswith("zero"):
         return Zero(int(name[-1]))
-    return FSDP2() if name == "fsdp2" else Layout()
+    return {"fsdp2": FSDP2, "hsdp": HSDP}.get(name, Layout)()

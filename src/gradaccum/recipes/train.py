@@ -183,6 +183,7 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> _Session:
         accum_dtype=getattr(torch, cfg.accum_dtype) if cfg.accum_dtype else None,
         # The word embeddings' gradient is most of what accumulation holds through a forward.
         compact_embedding_grads=layout.compact, sync_every_micro_batch=layout.sync_every_micro_batch,
+        data_parallel=layout.data_parallel,
     )
     progress: dict[str, Any] = {"epoch": 0, "consumed": 0, "train_seconds": 0.0, "evals": [],
                                 "padded_tokens": 0, "real_tokens": 0, "data_sha256": scaffold.data_fingerprint(cfg)}
