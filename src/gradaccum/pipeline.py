@@ -30,8 +30,9 @@ import torch.distributed as dist
 
 from ._weights import share
 from .engine.parallel import sum_over
+from .engine.step import total_norm
 
-__all__ = ["ExactLoss"]
+__all__ = ["ExactLoss", "clip_grad_norm_"]
 
 
 class ExactLoss:
@@ -115,3 +116,28 @@ class ExactLoss:
         assert self.total is not None
         value, self.total = float(local) / self.total, None
         return value
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, stages: Optional[Any] = None) -> torch.Tensor:
+    """Clip a stage's gradients by the norm of the whole model's gradient; return that norm.
+
+    A stage holds part of the model, so ``torch.nn.utils.clip_grad_norm_`` on it would clip by
+    its own part's norm, a different factor on every stage. This sums the squared norms over
+    ``stages`` (the pipeline ranks of one replica; tensor-parallel shards are made whole first)
+    and scales every stage by the same factor. Call it after the gradients are averaged over
+    the replicas, on every pipeline rank, with all of its stages' parameters.
+
+    Example:
+        >>> norm = clip_grad_norm_(stage_module.parameters(), 1.0, stages=mesh["pp"].get_group())  # doctest: +SKIP
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    local = total_norm(grads, uniform=False, foreach=None) if grads else torch.zeros(())
+    squared = local.double().reshape(1).pow(2)
+    if stages is not None:
+        squared = sum_over(squared, stages)
+    norm = squared.sqrt().reshape(())
+    # The same factor on every stage, as one model's clip would give.
+    factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(factor.to(g.device, g.dtype))
+    return norm

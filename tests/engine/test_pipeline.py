@@ -67,10 +67,16 @@ def test_deepspeed_pipeline_engine_with_counted_windows(tmp_path):
 
 
 def test_data_pipeline_and_tensor_parallel_on_a_three_dimensional_mesh(tmp_path):
+    """And ``clip_grad_norm_``: every stage clipped by the whole model's norm, tensor-parallel
+    shards made whole; a stage clipped by its own part's norm would be off."""
     results = dist_workers.spawn(pp.run_3d, 8, tmp_path)
     for r in results:
         assert "error" not in r, r.get("trace")
     for s in range(2):
+        want = pp.reference(s)[0]
+        norm = sum(float(g.pow(2).sum()) for g in want) ** 0.5
+        clipped = [g * min(1.0, pp.MAX_NORM / (norm + 1e-6)) for g in want]
         for tp_rank in range(2):  # each tensor-parallel rank's copy of the full gradient
             mine = [r for rank, r in enumerate(results) if rank % 2 == tp_rank]
-            assert rel_error(_gathered(mine, s), pp.reference(s)[0]) < 1e-5
+            assert rel_error(_gathered(mine, s), clipped) < 1e-5
+        assert all(r["norms"][s] == pytest.approx(norm, rel=1e-5) for r in results)
