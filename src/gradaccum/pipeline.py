@@ -1,6 +1,6 @@
 """Pipeline parallel: a ``torch.distributed.pipelining`` schedule's step is a window.
 
-A schedule (GPipe, 1F1B, interleaved) splits the step's batch into micro-batches, calls its
+A schedule (GPipe, 1F1B, interleaved, zero-bubble, V-shaped) splits the step's batch into micro-batches, calls its
 ``loss_fn`` on each at the last stage and, by default (``scale_grads=True``), divides the
 gradients by the number of micro-batches: the mean of per-micro-batch means, which is not
 the mean over the step's items when micro-batches hold different numbers of tokens.
@@ -97,7 +97,9 @@ class ExactLoss:
 
     def __call__(self, output: Any, target: Any) -> torch.Tensor:
         if self.total is None:
-            raise RuntimeError("ExactLoss: call .open(target) with the step's whole target before schedule.step()")
+            raise RuntimeError("ExactLoss: the step's items are not counted yet. Call exact.open(target) with the step's "
+                               "whole target before schedule.step(); under DeepSpeed, hand train_batch the iterator "
+                               "exact.windows(batches, engine)")
         mean = self.loss(output, target)
         n = self.count(target)
         self.loss_sum = self.loss_sum + mean.detach().double() * n
