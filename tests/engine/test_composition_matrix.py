@@ -63,12 +63,30 @@ def _wraps():
     return ["ddp", "fsdp2", pytest.param("zero2", marks=pytest.mark.skipif(not deepspeed, reason="no deepspeed"))]
 
 
+@pytest.fixture(scope="module")
+def two_rank_launch(tmp_path_factory):
+    """Every precision's cells of one wrap, run in one launch that the first test of the wrap
+    starts and the others read: a launch costs more than a cell."""
+    launched: dict = {}
+
+    def launch(wrap: str) -> tuple[list[str], list[dict]]:
+        features = [f for f in mc.FEATURES if (wrap, mc.base(f)) not in SEPARATE]
+        if wrap not in launched:
+            launched[wrap] = dist_workers.spawn(mc.every_precision, 2, tmp_path_factory.mktemp(wrap), wrap,
+                                                mc.PRECISIONS, features)
+        for r in launched[wrap]:
+            assert "error" not in r, r.get("trace")
+        return features, launched[wrap]
+
+    return launch
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("precision", mc.PRECISIONS)
 @pytest.mark.parametrize("wrap", _wraps())
-def test_two_ranks(tmp_path, wrap, precision):
-    features = [f for f in mc.FEATURES if (wrap, mc.base(f)) not in SEPARATE]
-    results = dist_workers.spawn(mc.ddp_or_fsdp_cells, 2, tmp_path, wrap, precision, features)
+def test_two_ranks(two_rank_launch, wrap, precision):
+    features, launched = two_rank_launch(wrap)
+    results = [r[precision] for r in launched]
     refusal = REFUSED.get((wrap, precision))
     for feature in features:
         where = f"{wrap}/{precision}/{feature}"

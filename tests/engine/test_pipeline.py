@@ -6,6 +6,8 @@ replicas' sequences through the whole model, the stock schedule beside it. The s
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from support import dist_workers
@@ -29,10 +31,18 @@ def _gathered_quarters(results, step):
     return [g for i in range(4) for g in by_stage[i]]
 
 
-def test_every_schedule_equals_the_float64_big_batch_and_stock_does_not(tmp_path):
-    results = dist_workers.spawn(pp.runs, 4, tmp_path)
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory) -> list[dict]:
+    """The schedules of torch.distributed.pipelining, then DeepSpeed's PipelineEngine, in one
+    launch of 4 ranks (a launch costs more than the runs)."""
+    results = dist_workers.spawn(pp.runs, 4, tmp_path_factory.mktemp("pipeline"), True)
     for r in results:
         assert "error" not in r, r.get("trace")
+    return results
+
+
+def test_every_schedule_equals_the_float64_big_batch_and_stock_does_not(four_ranks):
+    results = four_ranks
     for schedule in ("gpipe", "1f1b"):
         runs = [r[schedule] for r in results]
         errors = [rel_error(_gathered(runs, s), pp.reference(s)[0]) for s in range(2)]
@@ -49,13 +59,12 @@ def test_every_schedule_equals_the_float64_big_batch_and_stock_does_not(tmp_path
     assert max(rel_error(_gathered_quarters(stock, s), pp.reference(s, rows=8)[0]) for s in range(2)) > 0.02
 
 
-def test_deepspeed_pipeline_engine_with_counted_windows(tmp_path):
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="the [deepspeed] extra is not installed")
+def test_deepspeed_pipeline_engine_with_counted_windows(four_ranks):
     """``ExactLoss.windows`` counts each step's micro-batches before ``train_batch`` runs them
     and undoes the engine's division by its accumulation steps; stock, every micro-batch's
     mean is divided by 3."""
-    results = dist_workers.spawn(pp.deepspeed_runs, 4, tmp_path)
-    for r in results:
-        assert "error" not in r, r.get("trace")
+    results = [r["deepspeed"] for r in four_ranks]
     for s in range(2):
         want, loss = pp.reference(s)
         exact = [r["exact"] for r in results]

@@ -52,11 +52,33 @@ def _check_exact(results: list[dict], tolerance: float, clip: float | None = Non
         assert r0["reports"][i].grad_norm == pytest.approx(r1["reports"][i].grad_norm, rel=1e-6)
 
 
+# Every configuration of ``w.exact`` the tests below check: (stage, scenario, config extra,
+# max_grad_norm, sync_every_micro_batch). They run one after another in one launch of two
+# ranks, which costs more than most of the runs themselves.
+CLIP = 0.05
+EXACT = {
+    **{f"stage{s}": (s, "fixed") for s in range(4)},
+    "callable-2": (2, "callable"), "budget-3": (3, "budget"), "budget-1": (1, "budget"),
+    "clip-2": (2, "fixed", None, CLIP), "clip-0": (0, "fixed", None, CLIP),
+    "config-clip-3": (3, "fixed", {"gradient_clipping": CLIP}, None),
+    "bf16": (2, "fixed", {"bf16": {"enabled": True}}),
+    "sync-every-2": (2, "fixed", None, None, True),
+}
+
+
+@pytest.fixture(scope="module")
+def exact_runs(tmp_path_factory) -> dict:
+    results = dist_workers.spawn(w.exact_runs, 2, tmp_path_factory.mktemp("exact"), EXACT)
+    for r in results:
+        assert "error" not in r, r.get("trace")
+    return {name: [r[name] for r in results] for name in EXACT}
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stages_equal_the_float64_big_batch_with_uneven_ranks_and_partial_windows(tmp_path, stage):
+def test_zero_stages_equal_the_float64_big_batch_with_uneven_ranks_and_partial_windows(exact_runs, stage):
     # Rank 0: windows of 4 and 3 micro-batches; rank 1: 4 and 2 (it stands in once).
-    results = dist_workers.spawn(w.exact, 2, tmp_path, stage, "fixed")
+    results = exact_runs[f"stage{stage}"]
     _check_exact(results, 1e-4)
     assert results[0]["micro_batches"] == [4, 3] and results[1]["micro_batches"] == [4, 2]
     traffic = results[0]["traffic"]
@@ -69,40 +91,37 @@ def test_zero_stages_equal_the_float64_big_batch_with_uneven_ranks_and_partial_w
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("stage,scenario", [(2, "callable"), (3, "budget"), (1, "budget")])
-def test_windows_of_varying_length_close_where_they_end(tmp_path, stage, scenario):
+def test_windows_of_varying_length_close_where_they_end(exact_runs, stage, scenario):
     # ``steps`` as a callable (3, 2, 3, ...) and token-budget windows whose k differs per
     # window and per rank: DeepSpeed's own boundary could not be a fixed count here.
-    results = dist_workers.spawn(w.exact, 2, tmp_path, stage, scenario)
+    results = exact_runs[f"{scenario}-{stage}"]
     _check_exact(results, 1e-4)
     if scenario == "budget":
         assert len(set(results[0]["micro_batches"] + results[1]["micro_batches"])) > 1
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("stage,config_clip", [(2, False), (0, False), (3, True)])
-def test_clipping_applies_to_the_window_gradient_once(tmp_path, stage, config_clip):
+@pytest.mark.parametrize("run", ["clip-2", "clip-0", "config-clip-3"])
+def test_clipping_applies_to_the_window_gradient_once(exact_runs, run):
     # max_grad_norm, or the config's "gradient_clipping" at the same value: the window's
     # gradient is clipped, never a micro-batch's, never twice.
-    clip = 0.05
-    extra = {"gradient_clipping": clip} if config_clip else None
-    results = dist_workers.spawn(w.exact, 2, tmp_path, stage, "fixed", extra, None if config_clip else clip)
+    results = exact_runs[run]
     # The clipped update (lr x 0.05) is small beside the fp32 weights it is read from: 1e-3.
     # Unclipped, or clipped per micro-batch, it would be 4x off.
-    _check_exact(results, 1e-3, clip=clip)
-    assert all(r.grad_norm > clip for r in results[0]["reports"])  # clipping was active
+    _check_exact(results, 1e-3, clip=CLIP)
+    assert all(r.grad_norm > CLIP for r in results[0]["reports"])  # clipping was active
 
 
 @pytest.mark.multiprocess
-def test_bf16_within_the_one_process_bf16_tolerance(tmp_path):
-    results = dist_workers.spawn(w.exact, 2, tmp_path, 2, "fixed", {"bf16": {"enabled": True}})
-    _check_exact(results, 3e-2)
+def test_bf16_within_the_one_process_bf16_tolerance(exact_runs):
+    _check_exact(exact_runs["bf16"], 3e-2)
 
 
 @pytest.mark.multiprocess
-def test_zero2_per_micro_batch_reduction_on_request(tmp_path):
+def test_zero2_per_micro_batch_reduction_on_request(exact_runs):
     # sync_every_micro_batch=True keeps ZeRO-2's gradients partitioned between micro-batches
     # (a reduction each), still exact.
-    results = dist_workers.spawn(w.exact, 2, tmp_path, 2, "fixed", None, None, True)
+    results = exact_runs["sync-every-2"]
     _check_exact(results, 1e-4)
     assert results[0]["traffic"][0]["all_reduce"] > 2 * 1493 * 4
 

@@ -91,6 +91,20 @@ def exact(rank, world, stage, scenario, extra=None, clip=None, sync_every=False)
             "micro_batches": [len(w) for w in windows]}
 
 
+def exact_runs(rank, world, runs: dict) -> dict:
+    """Several ``exact`` runs one after another in one launch: ``{name: args}`` to
+    ``{name: result}`` (a failed run's result holds its error and trace)."""
+    import traceback
+
+    out = {}
+    for name, args in runs.items():
+        try:
+            out[name] = exact(rank, world, *args)
+        except Exception as exc:  # reported to its own test
+            out[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    return out
+
+
 def stock(rank, world, stage, k):
     """DeepSpeed's own loop over the same data: engine.backward divides by k (the seeds' loop)."""
     environment(rank, world)

@@ -241,6 +241,11 @@ def ddp_or_fsdp_cells(rank: int, world: int, wrap: str, precision: str, features
     return out
 
 
+def every_precision(rank: int, world: int, wrap: str, precisions: list[str], features: list[str]) -> dict:
+    """``ddp_or_fsdp_cells`` for each precision in turn, in one launch: ``{precision: cells}``."""
+    return {precision: ddp_or_fsdp_cells(rank, world, wrap, precision, features) for precision in precisions}
+
+
 def reference(result: dict, feature: str, world: int) -> list[list[torch.Tensor]]:
     """The float64 big-batch gradient of every window, over all ranks' micro-batches."""
     terms, feature = feature.startswith("terms"), base(feature)

@@ -77,14 +77,19 @@ MULTI_STAGE = ["ScheduleInterleaved1F1B", "ScheduleLoopedBFS", "ScheduleInterlea
 V_SHAPED = {"ScheduleZBVZeroBubble", "ScheduleDualPipeV"}  # rank 0 holds the first and the last stage
 
 
-def runs(rank: int, world: int) -> dict:
+def runs(rank: int, world: int, with_deepspeed: bool = False) -> dict:
     """GPipe and 1F1B with ExactLoss, the stock GPipe, then every multi-stage schedule with
-    ExactLoss and the stock interleaved 1F1B, one after the other."""
+    ExactLoss and the stock interleaved 1F1B, one after the other; then, where DeepSpeed is
+    installed, its PipelineEngine (``deepspeed_runs``)."""
+    import importlib.util
+
     out = {name: run(rank, world, schedule, exact)
            for name, schedule, exact in (("gpipe", "gpipe", True), ("1f1b", "1f1b", True), ("stock", "gpipe", False))}
     for name in MULTI_STAGE:
         out[name] = run_multi(rank, name, True)
     out["stock-interleaved"] = run_multi(rank, "ScheduleInterleaved1F1B", False)
+    if with_deepspeed and importlib.util.find_spec("deepspeed") is not None:
+        out["deepspeed"] = deepspeed_runs(rank, world)
     return out
 
 
