@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ._weights import share
 from .engine.parallel import sum_over
-from .engine.step import total_norm
+from .engine.step import by_mesh, total_norm
 
 __all__ = ["ExactLoss", "clip_grad_norm_"]
 
@@ -132,14 +132,14 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, stages:
     Example:
         >>> norm = clip_grad_norm_(stage_module.parameters(), 1.0, stages=mesh["pp"].get_group())  # doctest: +SKIP
     """
-    grads = [p.grad for p in parameters if p.grad is not None]
+    params = [p for p in parameters if p.grad is not None]
+    grads = [g for p in params if (g := p.grad) is not None]
     local = total_norm(grads, uniform=False, foreach=None) if grads else torch.zeros(())
     squared = local.double().reshape(1).pow(2)
     if stages is not None:
         squared = sum_over(squared, stages)
     norm = squared.sqrt().reshape(())
-    # The same factor on every stage, as one model's clip would give.
-    factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(factor.to(g.device, g.dtype))
+    # The same factor on every stage, as one model's clip would give; mesh by mesh, as the step clips.
+    for group in by_mesh(params):
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
     return norm

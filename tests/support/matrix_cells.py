@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import gradaccum
-from support.reference import VOCAB, OOMAbove, RecordingSGD, make_sequences, pad
+from support.reference import VOCAB, OOMAbove, RecordingSGD, micro_batches, pad
 
 PRECISIONS = ["fp32", "bf16", "fp16", "bf16-params"]
 # "terms*": the same feature with a two-term loss (a token mean plus a sequence mean over the
@@ -91,12 +91,7 @@ def rank_data(feature: str, rank: int, world: int) -> list[dict]:
         sizes = [[3, 1, 4, 2, 2], [2, 4, 1, 3, 2]][rank % 2]
     else:
         sizes = [[3, 1, 4, 2, 5, 1], [2, 4, 1, 3, 2, 2]][rank % 2]
-    seqs = make_sequences(sum(sizes), seed=100 + rank)
-    out, i = [], 0
-    for s in sizes:
-        out.append(batch_of(seqs[i:i + s]))
-        i += s
-    return out
+    return [batch_of(mb) for mb in micro_batches(sizes, seed=100 + rank)]
 
 
 def _full(t):

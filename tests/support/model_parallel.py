@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import gradaccum
 from support.matrix_cells import batch_of
-from support.reference import VOCAB, RecordingSGD, make_sequences
+from support.reference import VOCAB, RecordingSGD, micro_batches
 
 # Each data-parallel group's micro-batches, k = 3 (HSDP's four ranks are four groups).
 SIZES = [[3, 1, 4, 2, 2, 3], [2, 4, 1, 3, 2, 1], [1, 1, 5, 2, 3, 1], [4, 2, 1, 1, 1, 3]]
@@ -37,12 +37,7 @@ def model() -> MLPLM:
 
 
 def data(group: int) -> list[dict]:
-    seqs = make_sequences(sum(SIZES[group]), seed=500 + group, lo=3, hi=20)
-    out, i = [], 0
-    for s in SIZES[group]:
-        out.append(batch_of(seqs[i:i + s]))
-        i += s
-    return out
+    return [batch_of(mb) for mb in micro_batches(SIZES[group], seed=500 + group, lo=3, hi=20)]
 
 
 def token_loss(m, ids, mask, lo: int = 0, hi: int = -1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -113,14 +113,9 @@ def reference(model, batches, top_k: int = 2) -> list[torch.Tensor]:
 def data(rank: int = 0, sizes=(3, 1, 4, 2, 5, 1, 2, 3, 2, 4)) -> list[dict]:
     """Micro-batches of sequences of 2-24 tokens, padded to their own longest."""
     from support.matrix_cells import batch_of
-    from support.reference import make_sequences
+    from support.reference import micro_batches
 
-    seqs = make_sequences(sum(sizes), seed=300 + rank)
-    out, i = [], 0
-    for s in sizes:
-        out.append(batch_of(seqs[i:i + s]))
-        i += s
-    return out
+    return [batch_of(mb) for mb in micro_batches(list(sizes), seed=300 + rank)]
 
 
 def train(model, loader, steps, precision: str = "fp32", **kw) -> tuple[list, list]:

@@ -33,9 +33,9 @@ def make_sequences(n: int, seed: int = 0, lo: int = 2, hi: int = 24) -> list[tor
     return [torch.randint(0, VOCAB, (int(L),), generator=g) for L in lengths]
 
 
-def micro_batches(sizes: list[int], seed: int) -> list[list[torch.Tensor]]:
-    """Variable-length sequences grouped into micro-batches of the given sizes."""
-    seqs = make_sequences(sum(sizes), seed=seed)
+def micro_batches(sizes: list[int], seed: int, lo: int = 2, hi: int = 24) -> list[list[torch.Tensor]]:
+    """Variable-length sequences (``lo`` to ``hi`` tokens) grouped into micro-batches of the given sizes."""
+    seqs = make_sequences(sum(sizes), seed=seed, lo=lo, hi=hi)
     out, i = [], 0
     for s in sizes:
         out.append(seqs[i : i + s])

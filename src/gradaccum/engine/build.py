@@ -22,6 +22,7 @@ from .rules import Coupled, Mean, StoredTerms, Terms
 from .termvalues import check_counters
 from .grads import BufferStore, CompactStore, DenseStore, Stores, embedding_modules
 from .plan import Lookahead, Planner
+from .step import by_mesh
 from .parts import Parts
 from .._state import AccumulatorState
 
@@ -79,10 +80,7 @@ def build_parts(acc: Parts, model: torch.nn.Module, optimizer: torch.optim.Optim
     acc.optimizer, params, acc.max_grad_norm = dp.prepare(optimizer, precision, accum_dtype, compact_embedding_grads,
                                                           scheduler, max_grad_norm, sync_every_micro_batch)
     acc.params = params
-    by_mesh: dict[int, list[torch.Tensor]] = {}
-    for p in params:
-        by_mesh.setdefault(id(getattr(p, "device_mesh", None)), []).append(p)
-    acc.param_groups_by_mesh = list(by_mesh.values())
+    acc.param_groups_by_mesh = by_mesh(params)
     first = next(iter(model.parameters()), None)
     acc.device = first.device if first is not None else torch.device("cpu")
     # The fused per-list kernels also run on the CPU, where torch's default loops in Python.

@@ -21,6 +21,20 @@ from .parts import Parts, WindowState
 
 
 
+def by_mesh(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``tensors`` grouped by the device mesh they lie on (plain tensors together): DTensors on
+    different meshes (tensor-parallel layers on (dp, tp), the rest on (dp)) cannot be mixed in
+    one norm or one clip.
+
+    >>> len(by_mesh([torch.zeros(1), torch.ones(2)]))
+    1
+    """
+    groups: dict[int, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(id(getattr(t, "device_mesh", None)), []).append(t)
+    return list(groups.values())
+
+
 def total_norm(grads: list[torch.Tensor], uniform: bool, foreach: Optional[bool]) -> torch.Tensor:
     """Total 2-norm; one fused call when all gradients share a device and dtype (``uniform``,
     known from the parameters once), skipping the regrouping ``get_total_norm`` does in Python.
@@ -32,13 +46,9 @@ def total_norm(grads: list[torch.Tensor], uniform: bool, foreach: Optional[bool]
         return torch.zeros(())
     if uniform:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    # DTensor gradients on different meshes (tensor-parallel layers on (dp, tp), the rest on
-    # (dp)) cannot be stacked together: one norm per mesh, each made whole, then combined.
-    by_mesh: dict[int, list[torch.Tensor]] = {}
-    for g in grads:
-        by_mesh.setdefault(id(getattr(g, "device_mesh", None)), []).append(g)
+    # One norm per device mesh, each made whole, then combined.
     norms = []
-    for group in by_mesh.values():
+    for group in by_mesh(grads):
         norm = torch.nn.utils.get_total_norm(group, foreach=foreach)
         # Sharded gradients give a DTensor norm: the full value needs the shards' sum.
         norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

@@ -77,10 +77,7 @@ class Terms(Rule):
         experts = {name: r.num_experts for name, r in self.routers.items()}
         totals = {name: torch.zeros(e + 1, dtype=torch.float64, device=self.device) for name, e in experts.items()}
         # Every rank runs the window's number of forwards: a sharded model gathers in each.
-        repeats = batches + [batches[-1] if batches else None] * max(0, target - len(batches))
-        for i, batch in enumerate(repeats):
-            if batch is None:
-                break
+        for i, batch in enumerate(batches + batches[-1:] * max(0, target - len(batches))):
             real = i < len(batches)
             if real:
                 self.rng[id(batch)] = rng.state(acc.device)
